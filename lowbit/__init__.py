@@ -1,0 +1,1 @@
+"""lowbit: calibrate, quantize and evaluate LLMs for vLLM."""
