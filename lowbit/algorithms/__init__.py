@@ -1,0 +1,1 @@
+"""One function per file over (weight, statistics, grid)."""

@@ -1,0 +1,108 @@
+"""The Python surface the CLI mirrors: quantize(), evaluate(), load()."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from . import data
+from .checkpoint import Checkpoint, load_tokenizer
+from .errors import LowbitError
+from .export import CheckpointWriter
+from .outdir import check_output
+from .pipeline import quantize_layers
+from .schemes import Scheme, get_scheme
+
+log = logging.getLogger(__name__)
+
+REPORT_FILE = "lowbit_report.json"
+
+
+def _dir_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+
+
+def _check_seq_len(ckpt: Checkpoint, seq_len: int) -> None:
+    limit = ckpt.config_dict.get("max_position_embeddings")
+    if limit and seq_len > limit:
+        raise LowbitError(f"--seq-len {seq_len} exceeds the model's maximum of {limit} positions")
+
+
+def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *,
+             dataset: str = "sharegpt", samples: int = 128, seq_len: int = 512,
+             ignore: tuple[str, ...] | list[str] = (), seed: int = 0,
+             overwrite: bool = False) -> dict:
+    """Quantize the checkpoint directory `model` with `scheme` and write a compressed-tensors
+    checkpoint to `out`.
+
+    Calibration uses `samples` records of at most `seq_len` tokens from `dataset` (its
+    calibration split), chosen by `seed`. Returns a summary: scheme, timings, output size
+    and the per-Linear relative output errors, worst first (also saved as OUT/lowbit_report.json).
+    """
+    start = time.perf_counter()
+    scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
+    scheme = scheme.with_ignore(tuple(ignore))
+    check_output(out, overwrite)
+    ckpt = Checkpoint(model)
+    _check_seq_len(ckpt, seq_len)
+    torch.manual_seed(seed)
+    tokenizer = ckpt.tokenizer()
+    records = data.read_records(dataset)
+    batches = data.calibration_samples(tokenizer, records, samples=samples, seq_len=seq_len, seed=seed)
+    try:
+        with CheckpointWriter(out, ckpt.path, scheme, overwrite=overwrite) as writer:
+            layers = quantize_layers(ckpt, scheme, batches, writer)
+            worst = sorted(layers, key=lambda r: -r["rel_error"])
+            summary = {
+                "scheme": scheme.name,
+                "model": str(ckpt.path),
+                "out": str(out),
+                "dataset": records.source,
+                "records_dropped": records.dropped,
+                "samples": len(batches),
+                "calibration_tokens": int(sum(b.numel() for b in batches)),
+                "layers": worst,
+            }
+            writer.add_file(REPORT_FILE, json.dumps(summary, indent=2) + "\n")
+    finally:
+        ckpt.close()
+    summary["seconds"] = time.perf_counter() - start
+    summary["size_bytes"] = _dir_size(Path(out))
+    summary["source_size_bytes"] = _dir_size(ckpt.path)
+    return summary
+
+
+def load(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """A model ready to run on CPU: unquantized checkpoints as they are; lowbit/compressed-tensors
+    checkpoints with weights dequantized exactly as stored and input activations quantized
+    in the forward pass, as vLLM computes them."""
+    from .runtime.load import load_model
+
+    return load_model(Path(path), dtype)
+
+
+def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: str = "sharegpt",
+             windows: int = 32, seq_len: int = 512) -> dict:
+    """Perplexity of `model` on held-out windows of `dataset` (its evaluation split); with a
+    `baseline`, also mean next-token KL(baseline || model) and top-1 agreement."""
+    from .evaluate import compare
+
+    start = time.perf_counter()
+    path = Path(model)
+    for p in (path, baseline):
+        if p is not None and not (Path(p) / "config.json").is_file():
+            raise LowbitError(f"model {p} has no config.json (not a checkpoint directory)")
+    tokenizer = load_tokenizer(path)
+    texts = data.read_records(dataset)
+    wins = data.eval_windows(tokenizer, texts, windows=windows, seq_len=seq_len)
+    net = load(path)
+    base = load(baseline) if baseline is not None else None
+    result = compare(net, wins, base)
+    result.update(model=str(path), baseline=str(baseline) if baseline else None,
+                  windows=len(wins), seq_len=seq_len, size_bytes=_dir_size(path),
+                  seconds=time.perf_counter() - start)
+    return result

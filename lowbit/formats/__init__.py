@@ -1,0 +1,1 @@
+"""Numerics only: how numbers are stored. Pure tensor functions, no model state."""

@@ -1,0 +1,127 @@
+"""The Grid a format presents to algorithms, and what an algorithm returns (Quantized).
+
+A Grid answers four questions and nothing else:
+  bind(w)           tensor-level parameters, fixed once (an FP8 per-tensor scale). Binding on the
+                    concatenated q/k/v weights is how a fused group shares one scale.
+  fit(block)        parameters of one row-block (per channel, per group, per token).
+  encode(x, p)      codes, rounding with frozen parameters: the only place rounding happens.
+  decode(codes, p)  float32 values, computed exactly as compressed-tensors dequantizes
+                    (codes.to(scale dtype) * scale), so our weights and a consumer's agree bit for bit.
+Algorithms never look at the format: it is a parameter, not a branch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from ..schemes import QuantSpec
+from .fp8 import E4M3_MAX, round_e4m3
+from .int import int_range, round_int
+
+
+@dataclass(frozen=True)
+class QParams:
+    """Scale (float32, broadcastable against the coded block) and optional zero point."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor | None = None
+
+
+def _scale_from_amax(amax: torch.Tensor, qmax: float) -> torch.Tensor:
+    # An all-zero tensor or row has no range; any scale codes it exactly, 1.0 keeps it finite.
+    amax = amax.float()
+    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+
+
+def _check_finite(x: torch.Tensor) -> None:
+    if not torch.isfinite(x).all():
+        raise ValueError("cannot quantize a tensor containing NaN or Inf")
+
+
+@dataclass(frozen=True)
+class ScaleGrid:
+    """A symmetric grid: codes = round(clip(x / scale)), scale = amax / qmax per block."""
+
+    spec: QuantSpec
+    qmax: float
+    round: Callable[[torch.Tensor], torch.Tensor]
+    tensor_scale: torch.Tensor | None = None  # set by bind() for per-tensor specs
+
+    def bind(self, w: torch.Tensor) -> "ScaleGrid":
+        if self.spec.granularity != "tensor":
+            return self
+        _check_finite(w)
+        return self.bind_amax(w.abs().amax())
+
+    def bind_amax(self, amax: torch.Tensor) -> "ScaleGrid":
+        """Per-tensor scale from an observed range (calibrated activations: no tensor to scan)."""
+        return dataclasses.replace(self, tensor_scale=_scale_from_amax(amax, self.qmax))
+
+    def fit(self, block: torch.Tensor) -> QParams:
+        """block: [rows, cols]; one scale per row, or the bound per-tensor scale."""
+        _check_finite(block)
+        if self.spec.granularity == "tensor":
+            bound = self.tensor_scale if self.tensor_scale is not None else self.bind(block).tensor_scale
+            return QParams(bound.reshape(1, 1))
+        return QParams(_scale_from_amax(block.abs().amax(dim=-1, keepdim=True), self.qmax))
+
+    def encode(self, x: torch.Tensor, p: QParams) -> torch.Tensor:
+        _check_finite(x)
+        # float64 division: the quotient is exact enough that the only rounding is the grid's
+        return self.round(x.double() / p.scale.double())
+
+    def decode(self, codes: torch.Tensor, p: QParams) -> torch.Tensor:
+        return codes.to(p.scale.dtype) * p.scale
+
+
+def grid_for(spec: QuantSpec) -> ScaleGrid:
+    """The one place a spec's format becomes numerics."""
+    match spec.format, spec.bits, spec.symmetric:
+        case "fp8", 8, True:
+            return ScaleGrid(spec, E4M3_MAX, round_e4m3)
+        case "int", bits, True if 2 <= bits <= 8:
+            return ScaleGrid(spec, float(int_range(bits)[1]), lambda s: round_int(s, bits))
+    raise NotImplementedError(f"no numerics for {spec}")
+
+
+def qdq(grid: ScaleGrid, x: torch.Tensor, p: QParams | None = None) -> torch.Tensor:
+    """Quantize-dequantize activations x[..., features] (p=None: dynamic, fitted per row)."""
+    flat = x.reshape(-1, x.shape[-1])
+    p = grid.fit(flat) if p is None else p
+    return grid.decode(grid.encode(flat, p), p).to(x.dtype).reshape(x.shape)
+
+
+def activation_qdq(spec: QuantSpec, scale: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """x -> quantize-dequantize(x) as a runtime computes it: with the stored static per-tensor
+    `scale`, or (dynamic specs) with scales fitted to each token at run time."""
+    grid = grid_for(spec)
+    if spec.dynamic:
+        return lambda x: qdq(grid, x)
+    p = QParams(scale.float().reshape(1, 1))
+    return lambda x: qdq(grid, x, p)
+
+
+@dataclass
+class Quantized:
+    """What an algorithm returns: codes [out, in], scales in their export shape, the grid."""
+
+    codes: torch.Tensor
+    scale: torch.Tensor  # tensor: [1]; channel: [out, 1]; group: [out, in // group_size]
+    grid: ScaleGrid
+    zero: torch.Tensor | None = None
+
+    def params(self) -> QParams:
+        """Parameters broadcast against the full [out, in] code matrix."""
+        scale = self.scale
+        if self.grid.spec.granularity == "group":
+            scale = scale.repeat_interleave(self.grid.spec.group_size, dim=1)
+        elif scale.dim() == 1:
+            scale = scale.reshape(1, 1)
+        return QParams(scale, self.zero)
+
+    def dequantize(self) -> torch.Tensor:
+        return self.grid.decode(self.codes, self.params())

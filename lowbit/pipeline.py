@@ -1,0 +1,217 @@
+"""quantize_layers(): the one layer-sequential loop.
+
+Layer i's inputs are captured once, the layer is read from disk, its statistics collected, its
+Linears quantized, and the *quantized* layer is run to produce layer i+1's inputs; then its
+weights go back to the meta device. Peak memory is one layer plus the calibration activations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .algorithms.rtn import rtn
+from .checkpoint import Checkpoint
+from .errors import LowbitError
+from .formats.grid import Quantized, activation_qdq, grid_for
+from .models import arch_for, decoder_layers, fused_sets, linears
+from .progress import progress
+from .schemes import Scheme
+from .stats import AbsMax
+
+
+class _Stop(Exception):
+    pass
+
+
+class _Catcher(nn.Module):
+    """Stands in for decoder layer j during capture: records its call, passes hidden through."""
+
+    def __init__(self, inner: nn.Module, j: int, record: list, last: bool):
+        super().__init__()
+        self.inner, self.j, self.record, self.last = inner, j, record, last
+
+    def __getattr__(self, name):  # models read attributes such as attention_type off their layers
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._modules["inner"], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        if args:
+            raise LowbitError("decoder layers called with extra positional arguments are not supported")
+        self.record.append((self.j, hidden_states, kwargs))
+        if self.last:
+            raise _Stop
+        return hidden_states
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[torch.Tensor]):
+    """Layer 0's hidden states per sample, and every layer's keyword arguments per sample.
+
+    Keyword arguments (masks, rotary embeddings) depend on positions only, and differ between
+    layer types (Gemma's sliding-window layers), so each layer keeps its own.
+    """
+    record: list = []
+    originals = list(layers)
+    for j, layer in enumerate(originals):
+        layers[j] = _Catcher(layer, j, record, last=j == len(originals) - 1)
+    hidden: list[torch.Tensor] = []
+    kwargs: list[list[dict]] = [[] for _ in originals]
+    try:
+        for ids in progress(samples, "capturing inputs"):
+            record.clear()
+            with contextlib.suppress(_Stop):
+                model(input_ids=ids.reshape(1, -1), use_cache=False)
+            for j, h, kw in record:
+                if j == 0:
+                    hidden.append(h)
+                kwargs[j].append({k: v for k, v in kw.items() if k not in ("cache", "past_key_values")})
+    finally:
+        for j, layer in enumerate(originals):
+            layers[j] = layer
+    return hidden, kwargs
+
+
+def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
+    """fnmatch globs match a module name or its last component; `re:` patterns use re.fullmatch."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.fullmatch(p[3:], name):
+                return True
+        elif fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], p):
+            return True
+    return False
+
+
+def _run(layer: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tensor:
+    out = layer(h, **kw)
+    return out[0] if isinstance(out, tuple) else out
+
+
+@contextlib.contextmanager
+def _hooks(handles: list):
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@torch.no_grad()
+def _input_amax(layer, targets, hidden, kwargs) -> dict[str, AbsMax]:
+    stats = {n: AbsMax() for n in targets}
+    handles = [targets[n].register_forward_pre_hook(lambda m, a, s=stats[n]: s.update(a[0]))
+               for n in targets]
+    with _hooks(handles):
+        for h, kw in zip(hidden, kwargs):
+            _run(layer, h, kw)
+    return stats
+
+
+@dataclass
+class _ErrorSums:
+    err: float = 0.0
+    ref: float = 0.0
+
+
+@torch.no_grad()
+def _propagate(layer, targets, originals, act_quant, hidden, kwargs, report_samples):
+    """Run the quantized layer; measure each Linear's relative output error on the first samples."""
+    sums = {n: _ErrorSums() for n in targets}
+    measuring = [True]
+    handles = []
+    for n, lin in targets.items():
+        x_seen = {}
+
+        def keep_input(m, a, x_seen=x_seen):
+            if measuring[0]:
+                x_seen["x"] = a[0]
+
+        def compare(m, a, y, n=n, x_seen=x_seen):
+            if measuring[0]:
+                ref = nn.functional.linear(x_seen.pop("x"), originals[n], m.bias)
+                sums[n].err += (y - ref).double().pow(2).sum().item()
+                sums[n].ref += ref.double().pow(2).sum().item()
+
+        handles.append(lin.register_forward_pre_hook(keep_input))  # sees the unquantized input
+        if n in act_quant:
+            handles.append(lin.register_forward_pre_hook(lambda m, a, f=act_quant[n]: (f(a[0]),)))
+        handles.append(lin.register_forward_hook(compare))
+    with _hooks(handles):
+        for s, (h, kw) in enumerate(zip(hidden, kwargs)):
+            measuring[0] = s < report_samples
+            hidden[s] = _run(layer, h, kw)  # in place: one copy of the activations
+    return {n: (e.err / e.ref) ** 0.5 if e.ref > 0 else 0.0 for n, e in sums.items()}
+
+
+def _input_scale(scheme: Scheme, amax: AbsMax) -> torch.Tensor | None:
+    """The static per-tensor input scale to store (None for dynamic inputs)."""
+    if scheme.inputs.dynamic:
+        return None
+    return grid_for(scheme.inputs).bind_amax(amax.value).tensor_scale.reshape(1)
+
+
+@torch.no_grad()
+def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor], writer,
+                    report_samples: int = 32) -> list[dict]:
+    """Quantize every decoder layer of `ckpt` in turn, handing results to `writer`.
+
+    Returns the per-Linear error report: [{"name", "rel_error"}], in model order.
+    """
+    model = ckpt.skeleton()
+    arch = arch_for(model)
+    layers = decoder_layers(model, arch)
+    ckpt.load_outer(model, arch.layers)
+    outer = [n for n in ckpt.names() if not n.startswith(arch.layers + ".")]
+    for name in sorted(outer):
+        writer.add(name, ckpt.tensor(name))
+    hidden, kwargs = capture_inputs(model, layers, samples)
+    static_inputs = scheme.inputs is not None and not scheme.inputs.dynamic
+    report, sets = [], None
+    for i in progress(range(len(layers)), "quantizing layers"):
+        layer, prefix = layers[i], f"{arch.layers}.{i}."
+        ckpt.materialize(layer, prefix)
+        if sets is None:
+            sets = fused_sets(layer, (hidden[0],), kwargs[0][0])
+        targets = {n: m for n, m in linears(layer).items() if not is_ignored(prefix + n, scheme.ignore)}
+        for s in sets:
+            if 0 < sum(n in targets for n in s) < len(s):
+                raise LowbitError(f"--ignore splits the fused set {', '.join(prefix + n for n in s)}; "
+                                  "vLLM runs them as one matmul, so ignore all of them or none")
+        amax = _input_amax(layer, targets, hidden, kwargs[i]) if static_inputs else {}
+        quantized: dict[str, Quantized] = {}
+        act_quant, input_scales = {}, {}
+        for s in (s for s in sets if s[0] in targets):
+            # binding on the concatenation is how q/k/v (and gate/up) share one per-tensor scale
+            grid = grid_for(scheme.weights).bind(torch.cat([targets[n].weight for n in s]))
+            shared = AbsMax()
+            for n in s:
+                quantized[n] = rtn(targets[n].weight, grid)
+                if static_inputs:
+                    shared.merge(amax[n])
+            if scheme.inputs is not None:
+                scale = _input_scale(scheme, shared)
+                for n in s:
+                    act_quant[n], input_scales[n] = activation_qdq(scheme.inputs, scale), scale
+        originals = {n: targets[n].weight for n in targets}
+        for n, q in quantized.items():
+            targets[n].weight = nn.Parameter(q.dequantize(), requires_grad=False)
+        errors = _propagate(layer, targets, originals, act_quant, hidden, kwargs[i], report_samples)
+        for name in sorted(n for n in ckpt.names() if n.startswith(prefix)):
+            module = name[len(prefix):].rsplit(".", 1)[0]
+            if module in quantized and name.endswith(".weight"):
+                writer.add_linear(prefix + module, quantized[module], input_scales.get(module))
+            else:
+                writer.add(name, ckpt.tensor(name))
+        writer.end_layer(i)
+        report += [{"name": prefix + n, "rel_error": errors[n]} for n in targets]
+        del originals, quantized
+        layer.to("meta")  # give the layer's memory back before reading the next one
+    return report

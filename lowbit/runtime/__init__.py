@@ -1,0 +1,1 @@
+"""Running compressed checkpoints: loading, Linears per stored format, generation."""

@@ -1,0 +1,69 @@
+"""Load a checkpoint for running on CPU: compressed-tensors Linears are dequantized with the
+same Grid that produced them, and their inputs are quantized in the forward pass (static scale
+or per token) exactly as a serving engine computes them."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..checkpoint import Checkpoint
+from ..errors import LowbitError
+from ..formats.grid import Quantized, activation_qdq, grid_for
+from ..schemes import QuantSpec
+
+
+def spec_from_args(args: dict) -> QuantSpec:
+    """A compressed-tensors QuantizationArgs dict as our QuantSpec."""
+    kind = {"float": "fp8", "int": "int"}.get(args.get("type"))
+    if kind is None or (kind == "fp8" and args.get("num_bits") != 8):
+        raise LowbitError(f"unsupported quantization args in checkpoint: {args}")
+    return QuantSpec(kind, args["num_bits"], args["strategy"], args.get("group_size"),
+                     args.get("symmetric", True), bool(args.get("dynamic", False)))
+
+
+def _scheme_for(name: str, module: nn.Module, qcfg: dict) -> dict | None:
+    if any(name == p or (p.startswith("re:") and re.match(p[3:], name)) for p in qcfg.get("ignore", [])):
+        return None
+    for group in qcfg["config_groups"].values():
+        for t in group["targets"]:
+            if (t == "Linear" and isinstance(module, nn.Linear)) or (
+                    t.startswith("re:") and re.match(t[3:], name)):
+                return group
+    return None
+
+
+@torch.no_grad()
+def load_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+    ckpt = Checkpoint(path, allow_quantized=True)
+    try:
+        qcfg = ckpt.config_dict.get("quantization_config")
+        if qcfg is not None and qcfg.get("quant_method") != "compressed-tensors":
+            raise LowbitError(f"{path} uses {qcfg.get('quant_method')!r}; lowbit runs compressed-tensors checkpoints")
+        model = ckpt.skeleton(dtype)
+        tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in ckpt.files
+        for name, module in model.named_modules():
+            group = _scheme_for(name, module, qcfg) if qcfg else None
+            for pname, _ in list(module.named_parameters(recurse=False)):
+                full = f"{name}.{pname}" if name else pname
+                if tied and full == "lm_head.weight":
+                    continue
+                if group is not None and pname == "weight":
+                    spec = spec_from_args(group["weights"])
+                    q = Quantized(ckpt.tensor(full), ckpt.tensor(full + "_scale"), grid_for(spec))
+                    module.weight = nn.Parameter(q.dequantize().to(dtype), requires_grad=False)
+                else:
+                    ckpt.materialize_param(module, pname, full, dtype)
+            if group is not None and group.get("input_activations"):
+                spec = spec_from_args(group["input_activations"])
+                scale = None if spec.dynamic else ckpt.tensor(f"{name}.input_scale")
+                qdq = activation_qdq(spec, scale)
+                module.register_forward_pre_hook(lambda m, a, f=qdq: (f(a[0]),))
+        if tied:
+            model.get_output_embeddings().weight = model.get_input_embeddings().weight
+        return model.eval()
+    finally:
+        ckpt.close()
