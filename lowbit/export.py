@@ -72,6 +72,31 @@ def quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
     }
 
 
+def check_fused(prefix: str, sets: list[tuple[str, ...]], quantized: dict[str, Quantized],
+                input_scales: dict[str, torch.Tensor]) -> None:
+    """Refuse what vLLM would reject or silently requantize: it runs q/k/v (and gate/up) as one
+    matmul, so a fused set is quantized whole or not at all, with one scheme and, for per-tensor
+    scales, one weight scale and one input scale."""
+    for s in sets:
+        names = ", ".join(prefix + n for n in s)
+        done = [n for n in s if n in quantized]
+        if done and len(done) < len(s):
+            raise LowbitError(f"the fused set {names} is only partly quantized; vLLM runs it as one "
+                              "matmul, so quantize (or --ignore) all of them")
+        if not done:
+            continue
+        first = quantized[s[0]]
+        for n in s[1:]:
+            q = quantized[n]
+            if q.grid.spec != first.grid.spec:
+                raise LowbitError(f"the fused set {names} mixes schemes")
+            if first.grid.spec.granularity == "tensor" and not torch.equal(q.scale, first.scale):
+                raise LowbitError(f"the fused set {names} has different per-tensor weight scales")
+            a, b = input_scales.get(s[0]), input_scales.get(n)
+            if (a is None) != (b is None) or (a is not None and not torch.equal(a, b)):
+                raise LowbitError(f"the fused set {names} has different input scales")
+
+
 class CheckpointWriter:
     """Streams a compressed-tensors checkpoint into OUT. Use as a context manager."""
 

@@ -18,6 +18,7 @@ from torch import nn
 from .algorithms.rtn import rtn
 from .checkpoint import Checkpoint
 from .errors import LowbitError
+from .export import check_fused
 from .formats.grid import Quantized, activation_qdq, grid_for
 from .models import arch_for, decoder_layers, fused_sets, linears
 from .progress import progress
@@ -185,6 +186,9 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
             if 0 < sum(n in targets for n in s) < len(s):
                 raise LowbitError(f"--ignore splits the fused set {', '.join(prefix + n for n in s)}; "
                                   "vLLM runs them as one matmul, so ignore all of them or none")
+        for n in linears(layer):
+            if n not in targets:
+                writer.skip_linear(prefix + n)
         amax = _input_amax(layer, targets, hidden, kwargs[i]) if static_inputs else {}
         quantized: dict[str, Quantized] = {}
         act_quant, input_scales = {}, {}
@@ -203,6 +207,7 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
         originals = {n: targets[n].weight for n in targets}
         for n, q in quantized.items():
             targets[n].weight = nn.Parameter(q.dequantize(), requires_grad=False)
+        check_fused(prefix, sets, quantized, input_scales)
         errors = _propagate(layer, targets, originals, act_quant, hidden, kwargs[i], report_samples)
         for name in sorted(n for n in ckpt.names() if n.startswith(prefix)):
             module = name[len(prefix):].rsplit(".", 1)[0]

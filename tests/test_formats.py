@@ -1,0 +1,160 @@
+"""Numerics against float64 references written here, not by calling the code under test."""
+
+import itertools
+
+import pytest
+import torch
+
+from lowbit.algorithms.rtn import rtn
+from lowbit.formats.grid import QParams, activation_qdq, grid_for
+from lowbit.schemes import QuantSpec
+
+FP8_T = QuantSpec("fp8", 8, "tensor")
+FP8_C = QuantSpec("fp8", 8, "channel")
+FP8_TOK = QuantSpec("fp8", 8, "token", dynamic=True)
+INT8_C = QuantSpec("int", 8, "channel")
+
+
+def e4m3_values() -> list[tuple[float, int]]:
+    """Every finite E4M3 ("fn") value with its code, decoded from the bit fields by hand."""
+    out = []
+    for code in range(256):
+        sign, exp, man = code >> 7, (code >> 3) & 0xF, code & 0x7
+        if exp == 0xF and man == 0x7:
+            continue  # the NaN encodings; fn has no infinities
+        mag = (man / 8) * 2.0**-6 if exp == 0 else (1 + man / 8) * 2.0 ** (exp - 7)
+        out.append((-mag if sign else mag, code))
+    return out
+
+
+E4M3 = e4m3_values()
+POSITIVE = sorted({v for v, _ in E4M3 if v >= 0})
+
+
+def ref_round_e4m3(v: float) -> float:
+    """Nearest E4M3 value after clipping to ±448, ties to the even mantissa."""
+    v = max(-448.0, min(448.0, v))
+    mag = abs(v)
+    hi = next(i for i, g in enumerate(POSITIVE) if g >= mag)
+    if POSITIVE[hi] == mag or hi == 0:
+        r = POSITIVE[hi]
+    else:
+        lo_v, hi_v = POSITIVE[hi - 1], POSITIVE[hi]
+        if mag - lo_v < hi_v - mag:
+            r = lo_v
+        elif mag - lo_v > hi_v - mag:
+            r = hi_v
+        else:  # exact tie: the code with an even last mantissa bit (index parity on the grid)
+            r = lo_v if (hi - 1) % 2 == 0 else hi_v
+    return -r if v < 0 else r
+
+
+def ref_fp8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    q = (x.double() / scale.double()).flatten().tolist()
+    return torch.tensor([ref_round_e4m3(v) for v in q], dtype=torch.float64).reshape(x.shape)
+
+
+def test_e4m3_grid_matches_bit_decoding():
+    codes = torch.tensor([c for _, c in E4M3], dtype=torch.uint8).view(torch.float8_e4m3fn)
+    assert codes.double().tolist() == [v for v, _ in E4M3]
+    assert max(POSITIVE) == 448.0 and POSITIVE[1] == 2.0**-9  # smallest subnormal
+
+
+def test_fp8_matches_mlperf_formula():
+    torch.manual_seed(0)
+    w = torch.randn(64, 96) * 3
+    w[3, 7] = 50.0  # an outlier sets the range
+    q = rtn(w, grid_for(FP8_T).bind(w))
+    scale = torch.tensor(50.0, dtype=torch.float32) / 448  # scale = amax / 448, in float32
+    assert q.scale.item() == scale.item()
+    assert torch.equal(q.codes.double(), ref_fp8(w, scale))
+    assert torch.equal(q.dequantize(), q.codes.float() * scale)
+
+
+@pytest.mark.parametrize("lo,hi", list(itertools.pairwise(POSITIVE))[::7])
+def test_fp8_ties_round_half_to_even(lo, hi):
+    grid = grid_for(FP8_T)
+    p = QParams(torch.tensor([[0.5]]))  # a power of two keeps x / scale exact
+    mid = (lo + hi) / 2
+    x = torch.tensor([[mid, -mid, lo, hi]], dtype=torch.float64) * 0.5
+    got = grid.encode(x, p).double()
+    assert torch.equal(got, ref_fp8(x, p.scale))
+
+
+def test_fp8_saturates_at_448_and_handles_subnormals_and_zeros():
+    grid = grid_for(FP8_T)
+    p = QParams(torch.tensor([[1.0]]))
+    x = torch.tensor([[1e6, -1e6, 449.0, 464.0, 2.0**-10, 3 * 2.0**-10, 2.0**-8 * 1.3, 0.0, -0.0]])
+    assert torch.equal(grid.encode(x, p).double(), ref_fp8(x, p.scale))
+    z = torch.zeros(4, 8)
+    q = rtn(z, grid_for(FP8_T).bind(z))
+    assert torch.isfinite(q.scale).all() and torch.equal(q.dequantize(), z)
+
+
+def test_fp8_random_inputs_per_channel_match_reference():
+    torch.manual_seed(1)
+    w = torch.randn(32, 40) * torch.logspace(-4, 3, 32)[:, None]  # rows over 7 decades
+    w[5] = 0  # an all-zero row must not give NaN
+    q = rtn(w, grid_for(FP8_C))
+    amax = w.abs().amax(1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 448, torch.ones_like(amax))
+    assert torch.equal(q.scale, scale)
+    assert torch.equal(q.codes.double(), ref_fp8(w, scale))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_nonfinite_inputs_are_rejected(bad):
+    w = torch.randn(4, 4)
+    w[1, 2] = bad
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        rtn(w, grid_for(FP8_C))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        grid_for(FP8_T).bind(w)
+
+
+def test_fp8_per_token_dynamic_activations():
+    torch.manual_seed(2)
+    x = torch.randn(2, 5, 24) * 4
+    got = activation_qdq(FP8_TOK)(x)
+    flat = x.reshape(-1, 24)
+    scale = flat.abs().amax(1, keepdim=True) / 448
+    ref = ref_fp8(flat, scale) * scale.double()
+    assert torch.allclose(got.reshape(-1, 24).double(), ref, rtol=0, atol=1e-6 * ref.abs().max().item())
+
+
+def test_fp8_static_activations_clip_beyond_calibrated_range():
+    x = torch.tensor([[1.0, -2.0, 10.0, -10.0]])
+    got = activation_qdq(FP8_T, torch.tensor([2.0 / 448]))(x)
+    assert got.tolist() == [[1.0, -2.0, 2.0, -2.0]]
+
+
+def ref_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    q = (x.double() / scale.double()).flatten().tolist()
+    # Python's round() is round-half-even on float64
+    return torch.tensor([max(-128, min(127, round(v))) for v in q], dtype=torch.float64).reshape(x.shape)
+
+
+def test_int8_symmetric_per_channel_matches_reference():
+    torch.manual_seed(3)
+    w = torch.randn(16, 48)
+    q = rtn(w, grid_for(INT8_C))
+    scale = w.abs().amax(1, keepdim=True) / 127
+    assert q.codes.dtype == torch.int8
+    assert torch.equal(q.scale, scale)
+    assert torch.equal(q.codes.double(), ref_int8(w, scale))
+    assert (q.codes.abs().amax(1) == 127).all()  # the row max lands on the grid's end
+
+
+def test_int8_ties_round_half_to_even():
+    grid = grid_for(INT8_C)
+    x = torch.tensor([[0.5, 1.5, 2.5, -0.5, -1.5, 126.5, 127.5, -128.5, -130.0]])
+    got = grid.encode(x, QParams(torch.ones(1, 1)))
+    assert got.tolist() == [[0, 2, 2, 0, -2, 126, 127, -128, -128]]
+
+
+def test_int8_per_token_dynamic_activations():
+    torch.manual_seed(4)
+    x = torch.randn(7, 32)
+    got = activation_qdq(QuantSpec("int", 8, "token", dynamic=True))(x)
+    scale = x.abs().amax(1, keepdim=True) / 127
+    assert torch.allclose(got.double(), ref_int8(x, scale) * scale.double(), atol=1e-6)
