@@ -76,6 +76,12 @@ class Checkpoint:
                 raise LowbitError(f"cannot read {self.path / file}: {e}") from None
         return names
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype as the config declares it (what consumers hold scales in)."""
+        name = self.config_dict.get("torch_dtype") or self.config_dict.get("dtype") or "float32"
+        return getattr(torch, name) if isinstance(getattr(torch, name, None), torch.dtype) else torch.float32
+
     def config(self):
         from transformers import AutoConfig
 

@@ -137,9 +137,9 @@ class CheckpointWriter:
         """One quantized Linear: `prefix.weight` codes plus their scales."""
         self.add(f"{prefix}.weight", q.codes)
         # fused Linears share one scale tensor; each gets its own copy on disk
-        self.add(f"{prefix}.weight_scale", q.scale.float().clone())
+        self.add(f"{prefix}.weight_scale", q.scale.clone())
         if input_scale is not None:
-            self.add(f"{prefix}.input_scale", input_scale.float().clone())
+            self.add(f"{prefix}.input_scale", input_scale.clone())
 
     def skip_linear(self, name: str) -> None:
         """A Linear left unquantized: listed in the config's ignore list."""

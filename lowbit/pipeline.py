@@ -81,12 +81,13 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[torch.
 
 
 def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
-    """fnmatch globs match a module name or its last component; `re:` patterns use re.fullmatch."""
+    """Globs match the full module name or a dotted suffix of it ("down_proj", "mlp.*",
+    "model.layers.0.*"); `re:` patterns use re.fullmatch on the full name."""
     for p in patterns:
         if p.startswith("re:"):
             if re.fullmatch(p[3:], name):
                 return True
-        elif fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name.rsplit(".", 1)[-1], p):
+        elif fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p):
             return True
     return False
 
@@ -152,11 +153,11 @@ def _propagate(layer, targets, originals, act_quant, hidden, kwargs, report_samp
     return {n: (e.err / e.ref) ** 0.5 if e.ref > 0 else 0.0 for n, e in sums.items()}
 
 
-def _input_scale(scheme: Scheme, amax: AbsMax) -> torch.Tensor | None:
+def _input_scale(scheme: Scheme, amax: AbsMax, dtype: torch.dtype) -> torch.Tensor | None:
     """The static per-tensor input scale to store (None for dynamic inputs)."""
     if scheme.inputs.dynamic:
         return None
-    return grid_for(scheme.inputs).bind_amax(amax.value).tensor_scale.reshape(1)
+    return grid_for(scheme.inputs, dtype).bind_amax(amax.value).tensor_scale.reshape(1)
 
 
 @torch.no_grad()
@@ -194,19 +195,19 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
         act_quant, input_scales = {}, {}
         for s in (s for s in sets if s[0] in targets):
             # binding on the concatenation is how q/k/v (and gate/up) share one per-tensor scale
-            grid = grid_for(scheme.weights).bind(torch.cat([targets[n].weight for n in s]))
+            grid = grid_for(scheme.weights, ckpt.dtype).bind(torch.cat([targets[n].weight for n in s]))
             shared = AbsMax()
             for n in s:
                 quantized[n] = rtn(targets[n].weight, grid)
                 if static_inputs:
                     shared.merge(amax[n])
             if scheme.inputs is not None:
-                scale = _input_scale(scheme, shared)
+                scale = _input_scale(scheme, shared, ckpt.dtype)
                 for n in s:
                     act_quant[n], input_scales[n] = activation_qdq(scheme.inputs, scale), scale
         originals = {n: targets[n].weight for n in targets}
         for n, q in quantized.items():
-            targets[n].weight = nn.Parameter(q.dequantize(), requires_grad=False)
+            targets[n].weight = nn.Parameter(q.dequantize().float(), requires_grad=False)
         check_fused(prefix, sets, quantized, input_scales)
         errors = _propagate(layer, targets, originals, act_quant, hidden, kwargs[i], report_samples)
         for name in sorted(n for n in ckpt.names() if n.startswith(prefix)):

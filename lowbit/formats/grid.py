@@ -31,10 +31,19 @@ class QParams:
     zero: torch.Tensor | None = None
 
 
-def _scale_from_amax(amax: torch.Tensor, qmax: float) -> torch.Tensor:
-    # An all-zero tensor or row has no range; any scale codes it exactly, 1.0 keeps it finite.
+def _scale_from_amax(amax: torch.Tensor, qmax: float, dtype: torch.dtype) -> torch.Tensor:
+    """scale = amax / qmax (MLPerf FP8: amax / 448), made exactly representable in `dtype`.
+
+    Consumers hold scales in the model's dtype (transformers casts them to bf16), so a scale is
+    rounded *up* to that dtype before any code is computed with it: codes and stored scale then
+    agree in every consumer, and rounding up never clips the calibrated maximum.
+    """
     amax = amax.float()
-    return torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    # An all-zero tensor or row has no range; any scale codes it exactly, 1.0 keeps it finite.
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    stored = scale.to(dtype)
+    below = stored.float() < scale
+    return torch.where(below, torch.nextafter(stored, torch.full_like(stored, torch.inf)), stored)
 
 
 def _check_finite(x: torch.Tensor) -> None:
@@ -49,6 +58,7 @@ class ScaleGrid:
     spec: QuantSpec
     qmax: float
     round: Callable[[torch.Tensor], torch.Tensor]
+    scale_dtype: torch.dtype = torch.float32  # the dtype scales are stored (and multiplied) in
     tensor_scale: torch.Tensor | None = None  # set by bind() for per-tensor specs
 
     def bind(self, w: torch.Tensor) -> "ScaleGrid":
@@ -59,7 +69,7 @@ class ScaleGrid:
 
     def bind_amax(self, amax: torch.Tensor) -> "ScaleGrid":
         """Per-tensor scale from an observed range (calibrated activations: no tensor to scan)."""
-        return dataclasses.replace(self, tensor_scale=_scale_from_amax(amax, self.qmax))
+        return dataclasses.replace(self, tensor_scale=_scale_from_amax(amax, self.qmax, self.scale_dtype))
 
     def fit(self, block: torch.Tensor) -> QParams:
         """block: [rows, cols]; one scale per row, or the bound per-tensor scale."""
@@ -67,7 +77,7 @@ class ScaleGrid:
         if self.spec.granularity == "tensor":
             bound = self.tensor_scale if self.tensor_scale is not None else self.bind(block).tensor_scale
             return QParams(bound.reshape(1, 1))
-        return QParams(_scale_from_amax(block.abs().amax(dim=-1, keepdim=True), self.qmax))
+        return QParams(_scale_from_amax(block.abs().amax(dim=-1, keepdim=True), self.qmax, self.scale_dtype))
 
     def encode(self, x: torch.Tensor, p: QParams) -> torch.Tensor:
         _check_finite(x)
@@ -78,13 +88,13 @@ class ScaleGrid:
         return codes.to(p.scale.dtype) * p.scale
 
 
-def grid_for(spec: QuantSpec) -> ScaleGrid:
+def grid_for(spec: QuantSpec, scale_dtype: torch.dtype = torch.float32) -> ScaleGrid:
     """The one place a spec's format becomes numerics."""
     match spec.format, spec.bits, spec.symmetric:
         case "fp8", 8, True:
-            return ScaleGrid(spec, E4M3_MAX, round_e4m3)
+            return ScaleGrid(spec, E4M3_MAX, round_e4m3, scale_dtype)
         case "int", bits, True if 2 <= bits <= 8:
-            return ScaleGrid(spec, float(int_range(bits)[1]), lambda s: round_int(s, bits))
+            return ScaleGrid(spec, float(int_range(bits)[1]), lambda s: round_int(s, bits), scale_dtype)
     raise NotImplementedError(f"no numerics for {spec}")
 
 
@@ -97,7 +107,7 @@ def qdq(grid: ScaleGrid, x: torch.Tensor, p: QParams | None = None) -> torch.Ten
 
 def activation_qdq(spec: QuantSpec, scale: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> quantize-dequantize(x) as a runtime computes it: with the stored static per-tensor
-    `scale`, or (dynamic specs) with scales fitted to each token at run time."""
+    `scale`, or (dynamic specs) with float32 scales fitted to each token at run time."""
     grid = grid_for(spec)
     if spec.dynamic:
         return lambda x: qdq(grid, x)
