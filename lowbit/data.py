@@ -169,7 +169,7 @@ def _to_record(value) -> Record | None:
         return _to_conversation(value)
     if isinstance(value, dict):
         if "text" in value:
-            return _to_record(value["text"]) if isinstance(value["text"], str) else None
+            return _text(value["text"]) if isinstance(value["text"], str) else None
         for key in ("messages", "conversations"):
             if key in value:
                 return _to_conversation(value[key]) if isinstance(value[key], list) else None
