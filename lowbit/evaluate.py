@@ -21,14 +21,15 @@ def compare(model: nn.Module, windows: list[torch.Tensor], baseline: nn.Module |
     nll, base_nll, kl, agree, tokens = 0.0, 0.0, 0.0, 0, 0
     for ids in progress(windows, "evaluating"):
         ids = ids.reshape(1, -1)
-        logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].double(), dim=-1)
+        # float32 log-probs; per-token sums are accumulated in float64
+        logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
         target = ids[0, 1:]
-        nll -= logp.gather(1, target[:, None]).sum().item()
+        nll -= logp.gather(1, target[:, None]).double().sum().item()
         tokens += target.numel()
         if baseline is not None:
-            base = F.log_softmax(baseline(input_ids=ids).logits[0, :-1].double(), dim=-1)
-            base_nll -= base.gather(1, target[:, None]).sum().item()
-            kl += (base.exp() * (base - logp)).sum().item()
+            base = F.log_softmax(baseline(input_ids=ids).logits[0, :-1].float(), dim=-1)
+            base_nll -= base.gather(1, target[:, None]).double().sum().item()
+            kl += (base.exp() * (base - logp)).sum(-1).double().sum().item()
             agree += (base.argmax(-1) == logp.argmax(-1)).sum().item()
     result = {"ppl": math.exp(nll / tokens), "tokens": tokens}
     if baseline is not None:

@@ -79,10 +79,11 @@ class ScaleGrid:
             return QParams(bound.reshape(1, 1))
         return QParams(_scale_from_amax(block.abs().amax(dim=-1, keepdim=True), self.qmax, self.scale_dtype))
 
-    def encode(self, x: torch.Tensor, p: QParams) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, p: QParams, work: torch.dtype = torch.float64) -> torch.Tensor:
+        """Codes of x. Weights divide in float64, where the quotient is exact enough that the
+        only rounding is the grid's; activations pass work=float32, as a runtime computes them."""
         _check_finite(x)
-        # float64 division: the quotient is exact enough that the only rounding is the grid's
-        return self.round(x.double() / p.scale.double())
+        return self.round(x.to(work) / p.scale.to(work))
 
     def decode(self, codes: torch.Tensor, p: QParams) -> torch.Tensor:
         return codes.to(p.scale.dtype) * p.scale
@@ -102,7 +103,7 @@ def qdq(grid: ScaleGrid, x: torch.Tensor, p: QParams | None = None) -> torch.Ten
     """Quantize-dequantize activations x[..., features] (p=None: dynamic, fitted per row)."""
     flat = x.reshape(-1, x.shape[-1])
     p = grid.fit(flat) if p is None else p
-    return grid.decode(grid.encode(flat, p), p).to(x.dtype).reshape(x.shape)
+    return grid.decode(grid.encode(flat, p, torch.float32), p).to(x.dtype).reshape(x.shape)
 
 
 def activation_qdq(spec: QuantSpec, scale: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
