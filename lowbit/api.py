@@ -48,19 +48,17 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
     scheme = scheme.with_ignore(tuple(ignore))
     check_output(out, overwrite)
     ckpt = Checkpoint(model)
-    _check_seq_len(ckpt, seq_len)
-    torch.manual_seed(seed)
-    tokenizer = ckpt.tokenizer()
-    records = data.read_records(dataset)
-    batches = data.calibration_samples(tokenizer, records, samples=samples, seq_len=seq_len, seed=seed)
     try:
+        _check_seq_len(ckpt, seq_len)
+        tokenizer = ckpt.tokenizer()
+        records = data.read_records(dataset)
+        batches = data.calibration_samples(tokenizer, records, samples=samples, seq_len=seq_len, seed=seed)
         with CheckpointWriter(out, ckpt.path, scheme, overwrite=overwrite) as writer:
             layers = quantize_layers(ckpt, scheme, batches, writer)
             worst = sorted(layers, key=lambda r: -r["rel_error"])
             summary = {
                 "scheme": scheme.name,
-                "model": str(ckpt.path),
-                "out": str(out),
+                "model": str(ckpt.path.resolve()),
                 "dataset": records.source,
                 "records_dropped": records.dropped,
                 "samples": len(batches),
@@ -70,6 +68,7 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
             writer.add_file(REPORT_FILE, json.dumps(summary, indent=2) + "\n")
     finally:
         ckpt.close()
+    summary["out"] = str(out)
     summary["seconds"] = time.perf_counter() - start
     summary["size_bytes"] = _dir_size(Path(out))
     summary["source_size_bytes"] = _dir_size(ckpt.path)

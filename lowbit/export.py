@@ -9,6 +9,7 @@ algorithm produced them; nothing is rounded here.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,12 @@ from .schemes import QuantSpec, Scheme
 # template, generation config) is copied through.
 _WEIGHT_FILES = ("config.json", "model.safetensors.index.json")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def quant_args(spec: QuantSpec) -> QuantizationArgs:
@@ -110,7 +117,7 @@ class CheckpointWriter:
         self._shards: list[list[str]] = []
         self._ignored: list[str] = []
         self._files: dict[str, str] = {}
-        self.bytes_written = 0
+        self.tensor_bytes = 0
 
     def __enter__(self) -> "CheckpointWriter":
         self.tmp = self._dir_ctx.__enter__()
@@ -157,7 +164,9 @@ class CheckpointWriter:
             return
         path = self.tmp / f"shard-{len(self._shards) + 1:05d}.safetensors"
         save_file(self._buffer, str(path), metadata={"format": "pt"})
-        self.bytes_written += path.stat().st_size
+        # safetensors creates files owner-only; give shards the mode every other file gets
+        os.chmod(path, 0o666 & ~_umask())
+        self.tensor_bytes += sum(t.numel() * t.element_size() for t in self._buffer.values())
         self._shards.append(sorted(self._buffer))
         self._buffer, self._buffered = {}, 0
 
@@ -169,7 +178,7 @@ class CheckpointWriter:
             final = f"model-{k:05d}-of-{n:05d}.safetensors"
             (self.tmp / f"shard-{k:05d}.safetensors").rename(self.tmp / final)
             weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": self.bytes_written},
+        index = {"metadata": {"total_size": self.tensor_bytes},
                  "weight_map": dict(sorted(weight_map.items()))}
         (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config = json.loads((self.source / "config.json").read_text())

@@ -16,10 +16,13 @@ def check_output(out: str | os.PathLike, overwrite: bool) -> Path:
     out = Path(out)
     if out.exists() and not overwrite:
         raise LowbitError(f"{out} already exists; pass --overwrite to replace it")
-    parent = out.absolute().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    if not os.access(parent, os.W_OK):
-        raise LowbitError(f"cannot write to {parent}: permission denied")
+    # only check here: directories are created when writing starts, so a run that fails its
+    # input checks leaves nothing behind
+    ancestor = out.absolute().parent
+    while not ancestor.exists():
+        ancestor = ancestor.parent
+    if not ancestor.is_dir() or not os.access(ancestor, os.W_OK):
+        raise LowbitError(f"cannot write to {ancestor}: permission denied or not a directory")
     return out
 
 
@@ -31,6 +34,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     crash never leaves a half-written directory that looks like a valid checkpoint.
     """
     out = check_output(out, overwrite)
+    out.absolute().parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()

@@ -1,0 +1,314 @@
+"""The command line as a user meets it: `lowbit quantize` and `lowbit eval` on tiny checkpoints,
+one-line errors with exit code 2, and the Python API that the CLI mirrors."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import random
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from lowbit import api
+from lowbit.cli import main
+from tiny import tiny_model
+
+WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex jumbo plums "
+         "and every model learns to predict the next byte of text").split()
+ARGS = ["--samples", "4", "--seq-len", "32"]  # small enough for a tiny model to run in a second
+EVAL_ARGS = ["--windows", "2", "--seq-len", "32"]
+
+
+def sentence(rng: random.Random, n: int = 24) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)) + "."
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> dict[str, Path]:
+    """A .jsonl of 40 text/messages records (calibration) and a .txt of 200 records (evaluation)."""
+    root = tmp_path_factory.mktemp("data")
+    rng = random.Random(0)
+    lines = []
+    for i in range(40):
+        if i % 4 == 0:  # some conversations, rendered through the tiny chat template
+            lines.append({"messages": [{"role": "user", "content": sentence(rng, 8)},
+                                       {"role": "assistant", "content": sentence(rng, 16)}]})
+        else:
+            lines.append({"text": f"{sentence(rng)} {sentence(rng)}"})
+    (root / "calib.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    (root / "eval.txt").write_text("".join(f"{sentence(rng)}\n{sentence(rng)}\n\n" for _ in range(200)))
+    return {"jsonl": root / "calib.jsonl", "txt": root / "eval.txt"}
+
+
+def run_cli(*argv) -> tuple[int, str, str]:
+    """lowbit.cli.main(argv) with its exit code, stdout and stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main([str(a) for a in argv])
+        except SystemExit as e:  # argparse: --help, usage errors
+            code = e.code
+    return code, out.getvalue(), err.getvalue()
+
+
+def quantize_args(src, out, data, *extra):
+    return ["quantize", src, out, "--scheme", "FP8", "--dataset", data, *ARGS, *extra]
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    found = {}
+    for f in sorted(path.glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            found.update({k: h.get_tensor(k) for k in h.keys()})
+    return found
+
+
+def hidden_siblings(path: Path) -> list[str]:
+    """Temporary or backup directories an interrupted write could leave next to OUT."""
+    return sorted(p.name for p in path.parent.iterdir() if p.name.startswith("."))
+
+
+@pytest.fixture(scope="module")
+def quantized(tiny_dir, datasets, tmp_path_factory):
+    """`lowbit quantize tiny-llama OUT --scheme FP8 --json`, run once: (code, stdout, stderr, OUT)."""
+    out = tmp_path_factory.mktemp("cli") / "llama-fp8"
+    code, stdout, stderr = run_cli(*quantize_args(tiny_dir("llama"), out, datasets["jsonl"], "--json"))
+    return code, stdout, stderr, out
+
+
+# ---------------------------------------------------------------------------------- quantize
+
+
+def test_quantize_writes_a_compressed_tensors_checkpoint_and_a_report(quantized):
+    code, stdout, stderr, out = quantized
+    assert code == 0, stderr
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert config["quantization_config"]["format"] == "float-quantized"
+    report = json.loads((out / "lowbit_report.json").read_text())
+    errors = [row["rel_error"] for row in report["layers"]]
+    assert errors == sorted(errors, reverse=True), "layers must be listed worst first"
+    assert all(0 < e < 0.2 for e in errors)
+
+
+def test_report_names_every_quantized_linear(quantized):
+    out = quantized[3]
+    report = json.loads((out / "lowbit_report.json").read_text())
+    named = [row["name"] for row in report["layers"]]
+    model = tiny_model("llama")
+    linears = {n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n != "lm_head"}
+    assert len(linears) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    assert sorted(named) == sorted(linears)
+    stored = {k[: -len(".weight_scale")] for k in tensors(out) if k.endswith(".weight_scale")}
+    assert stored == linears
+
+
+def test_quantize_json_output_is_the_report_plus_run_facts(quantized):
+    code, stdout, _, out = quantized
+    summary = json.loads(stdout)
+    report = json.loads((out / "lowbit_report.json").read_text())
+    assert set(report) <= set(summary)
+    assert {"scheme", "layers", "samples", "calibration_tokens", "size_bytes", "seconds"} <= set(summary)
+    assert summary["layers"] == report["layers"]
+    assert summary["scheme"] == "FP8"
+    assert summary["samples"] == 4 and 0 < summary["calibration_tokens"] <= 4 * 32
+    assert summary["size_bytes"] == sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    assert summary["size_bytes"] < summary["source_size_bytes"]
+
+
+def test_quantize_without_json_prints_a_human_summary(tiny_dir, datasets, tmp_path):
+    code, stdout, stderr = run_cli(*quantize_args(tiny_dir("llama"), tmp_path / "q", datasets["jsonl"]))
+    assert code == 0, stderr
+    assert stdout.startswith("quantized ")
+    assert "calibration: 4 samples" in stdout
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(stdout)
+
+
+# ------------------------------------------------------------------------------------ errors
+
+
+def _missing_model(src, out, data, tmp):
+    return quantize_args(tmp / "no-such-model", out, data["jsonl"]), "does not exist"
+
+
+def _unknown_scheme(src, out, data, tmp):
+    argv = ["quantize", src, out, "--scheme", "INT3", "--dataset", data["jsonl"], *ARGS]
+    return argv, "valid schemes: FP8, FP8_DYNAMIC, W8A16_FP8"
+
+
+def _existing_out(src, out, data, tmp):
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    return quantize_args(src, out, data["jsonl"]), "--overwrite"
+
+
+def _seq_len_too_long(src, out, data, tmp):
+    argv = ["quantize", src, out, "--scheme", "FP8", "--dataset", data["jsonl"],
+            "--samples", "4", "--seq-len", "257"]
+    return argv, "maximum of 256 positions"
+
+
+def _nothing_usable(src, out, data, tmp):
+    bad = tmp / "bad.jsonl"
+    bad.write_text('{"prompt": "no text key"}\nnot json at all\n{"text": "   "}\n[1, 2]\n')
+    return quantize_args(src, out, bad), "no usable records"
+
+
+def _unknown_extension(src, out, data, tmp):
+    csv = tmp / "data.csv"
+    csv.write_text("text\nhello world\n")
+    return quantize_args(src, out, csv), "unknown extension '.csv'"
+
+
+@pytest.mark.parametrize("case", [_missing_model, _unknown_scheme, _existing_out, _seq_len_too_long,
+                                  _nothing_usable, _unknown_extension], ids=lambda c: c.__name__[1:])
+def test_user_errors_are_one_line_with_exit_code_2_and_leave_nothing(case, tiny_dir, datasets, tmp_path):
+    out = tmp_path / "work" / "out"
+    out.parent.mkdir()
+    argv, fragment = case(tiny_dir("llama"), out, datasets, tmp_path)
+    existed = out.exists()
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if existed else None
+    code, stdout, stderr = run_cli(*argv)
+    assert code == 2
+    assert stdout == ""
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert lines[0].startswith("lowbit: error: ")
+    assert fragment in lines[0]
+    assert "Traceback" not in stderr
+    if existed:  # OUT is left exactly as it was
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    else:
+        assert not out.exists()
+    assert hidden_siblings(out) == []
+
+
+def test_a_failed_run_creates_no_directories(tiny_dir, datasets, tmp_path):
+    out = tmp_path / "new-parent" / "out"
+    code, _, _ = run_cli(*quantize_args(tmp_path / "no-such-model", out, datasets["jsonl"]))
+    assert code == 2
+    assert not out.exists()
+    assert not out.parent.exists(), "a run that failed on its input left OUT's parent directory behind"
+
+
+def test_python_m_lowbit_reports_errors_without_a_traceback(tiny_dir, datasets, tmp_path):
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "lowbit", "quantize", str(tiny_dir("llama")), str(out),
+         "--scheme", "nope", "--dataset", str(datasets["jsonl"])],
+        capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stdout == ""
+    assert proc.stderr.splitlines() == [
+        "lowbit: error: unknown scheme 'nope'; valid schemes: FP8, FP8_DYNAMIC, W8A16_FP8"]
+    assert not out.exists() and hidden_siblings(out) == []
+
+
+def test_quantize_help_lists_schemes_and_flags():
+    code, stdout, _ = run_cli("quantize", "--help")
+    assert code == 0
+    for scheme in ("FP8", "FP8_DYNAMIC", "W8A16_FP8"):
+        assert f"\n  {scheme} " in stdout, scheme  # a row of the schemes table, not just a mention
+    for flag in ("--scheme", "--dataset", "--samples", "--seq-len", "--ignore", "--seed",
+                 "--overwrite", "--json"):
+        assert flag in stdout, flag
+
+
+# -------------------------------------------------------------------------------------- eval
+
+
+def test_eval_against_the_source_scores_kl_and_agreement(quantized, tiny_dir, datasets):
+    out = quantized[3]
+    code, stdout, stderr = run_cli("eval", out, "--baseline", tiny_dir("llama"), "--dataset",
+                                   datasets["txt"], *EVAL_ARGS, "--json")
+    assert code == 0, stderr
+    r = json.loads(stdout)
+    assert {"ppl", "baseline_ppl", "kl", "top1", "size_bytes"} <= set(r)
+    assert r["kl"] > 0
+    assert 0 < r["top1"] <= 1
+    assert r["ppl"] > 1 and r["baseline_ppl"] > 1
+    assert r["ppl"] != r["baseline_ppl"]
+    assert r["tokens"] == 2 * 31
+    assert r["size_bytes"] == sum(f.stat().st_size for f in out.glob("*.safetensors"))
+
+
+def test_eval_of_a_model_against_itself_is_perfect(quantized, datasets):
+    out = quantized[3]
+    code, stdout, stderr = run_cli("eval", out, "--baseline", out, "--dataset", datasets["txt"],
+                                   *EVAL_ARGS, "--json")
+    assert code == 0, stderr
+    r = json.loads(stdout)
+    assert abs(r["kl"]) <= 1e-9
+    assert r["top1"] == 1
+    assert r["ppl"] == r["baseline_ppl"]
+
+
+def test_eval_without_json_prints_a_table(quantized, tiny_dir, datasets):
+    code, stdout, stderr = run_cli("eval", quantized[3], "--baseline", tiny_dir("llama"),
+                                   "--dataset", datasets["txt"], *EVAL_ARGS)
+    assert code == 0, stderr
+    rows = dict(line.split(None, 1) for line in stdout.splitlines() if line.startswith(("ppl", "model")))
+    assert set(rows) == {"model", "ppl"}
+    assert "KL (nats/token)" in stdout and "top-1 agreement" in stdout
+
+
+def test_eval_of_a_missing_model_is_a_one_line_error(tmp_path, datasets):
+    code, stdout, stderr = run_cli("eval", tmp_path / "nothing", "--dataset", datasets["txt"], *EVAL_ARGS)
+    assert code == 2
+    assert len(stderr.splitlines()) == 1 and stderr.startswith("lowbit: error: ")
+
+
+# ------------------------------------------------------------------------------- determinism
+
+
+def test_same_arguments_give_byte_identical_checkpoints(tiny_dir, datasets, tmp_path):
+    out = tmp_path / "out"
+    argv = quantize_args(tiny_dir("llama"), out, datasets["jsonl"], "--seed", "3", "--overwrite")
+    assert run_cli(*argv)[0] == 0
+    first = shutil.copytree(out, tmp_path / "first")
+    assert run_cli(*argv)[0] == 0
+    names = sorted(p.name for p in first.iterdir())
+    assert names == sorted(p.name for p in out.iterdir())
+    for name in names:
+        assert (first / name).read_bytes() == (out / name).read_bytes(), name
+
+
+def test_a_different_seed_calibrates_on_different_samples(tiny_dir, datasets, tmp_path):
+    src, data = tiny_dir("llama"), datasets["jsonl"]
+    assert run_cli(*quantize_args(src, tmp_path / "a", data, "--seed", "0"))[0] == 0
+    assert run_cli(*quantize_args(src, tmp_path / "b", data, "--seed", "1"))[0] == 0
+    a, b = tensors(tmp_path / "a"), tensors(tmp_path / "b")
+    scales = [k for k in a if k.endswith(".input_scale")]
+    assert len(scales) == 14
+    assert any(not torch.equal(a[k], b[k]) for k in scales)
+
+
+# ------------------------------------------------------------------------------- Python API
+
+
+def test_api_quantize_returns_what_quantize_json_prints(quantized, tiny_dir, datasets, tmp_path):
+    printed = json.loads(quantized[1])
+    summary = api.quantize(tiny_dir("llama"), tmp_path / "q", "FP8", dataset=str(datasets["jsonl"]),
+                           samples=4, seq_len=32)
+    assert set(summary) == set(printed)
+    assert summary["layers"] == printed["layers"]  # same arguments, same calibration, same errors
+    assert json.loads(json.dumps(summary)) == summary  # what --json prints is the dict itself
+
+
+def test_api_evaluate_returns_what_eval_json_prints(quantized, tiny_dir, datasets):
+    out, src = quantized[3], tiny_dir("llama")
+    code, stdout, _ = run_cli("eval", out, "--baseline", src, "--dataset", datasets["txt"],
+                              *EVAL_ARGS, "--json")
+    printed = json.loads(stdout)
+    result = api.evaluate(out, src, dataset=str(datasets["txt"]), windows=2, seq_len=32)
+    assert set(result) == set(printed)
+    for key in ("ppl", "baseline_ppl", "kl", "top1", "tokens", "size_bytes"):
+        assert result[key] == printed[key], key
