@@ -79,6 +79,15 @@ def quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
     }
 
 
+def check_shape(name: str, out_features: int, in_features: int, spec: QuantSpec) -> None:
+    """Refuse shapes vLLM's kernels cannot take. Group scales need in_features to split into
+    whole groups (vLLM's Marlin and Machete kernels reject a partial group; they pad tile
+    misalignment themselves). Tensor and channel scales fit any shape."""
+    if spec.granularity == "group" and in_features % spec.group_size:
+        raise LowbitError(f"{name}: in_features {in_features} is not a multiple of group size "
+                          f"{spec.group_size}; vLLM cannot serve it (pick a group size that divides it)")
+
+
 def check_fused(prefix: str, sets: list[tuple[str, ...]], quantized: dict[str, Quantized],
                 input_scales: dict[str, torch.Tensor]) -> None:
     """Refuse what vLLM would reject or silently requantize: it runs q/k/v (and gate/up) as one

@@ -18,7 +18,7 @@ from torch import nn
 from .algorithms.rtn import rtn
 from .checkpoint import Checkpoint
 from .errors import LowbitError
-from .export import check_fused
+from .export import check_fused, check_shape
 from .formats.grid import Quantized, activation_qdq, grid_for
 from .models import arch_for, decoder_layers, fused_sets, linears
 from .progress import progress
@@ -202,6 +202,7 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
             grid = grid_for(scheme.weights, dtype).bind(torch.cat([targets[n].weight for n in s]))
             shared = AbsMax()
             for n in s:
+                check_shape(prefix + n, *targets[n].weight.shape, scheme.weights)
                 quantized[n] = rtn(targets[n].weight, grid)
                 if static_inputs:
                     shared.merge(amax[n])

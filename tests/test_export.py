@@ -302,3 +302,14 @@ def test_shards_are_as_readable_as_config_json(written):
     assert config_mode & 0o044  # the test's umask lets group/others read
     for shard in out.glob("*.safetensors"):
         assert stat.S_IMODE(shard.stat().st_mode) == config_mode, shard.name
+
+
+def test_group_size_that_does_not_divide_in_features_is_refused():
+    from lowbit.export import check_shape
+    from lowbit.schemes import QuantSpec
+
+    g128 = QuantSpec("int", 4, "group", group_size=128)
+    check_shape("ok", 64, 1536, g128)  # 12 whole groups
+    with pytest.raises(LowbitError, match="not a multiple of group size 128"):
+        check_shape("model.layers.0.self_attn.q_proj", 576, 576, g128)
+    check_shape("channel", 576, 576, QuantSpec("fp8", 8, "channel"))

@@ -158,3 +158,18 @@ def test_int8_per_token_dynamic_activations():
     got = activation_qdq(QuantSpec("int", 8, "token", dynamic=True))(x)
     scale = x.abs().amax(1, keepdim=True) / 127
     assert torch.allclose(got.double(), ref_int8(x, scale) * scale.double(), atol=1e-6)
+
+
+def test_bf16_stored_scale_is_rounded_up_and_codes_use_it():
+    """Consumers hold scales in bf16: the stored scale is the smallest bf16 >= amax/448, and codes
+    are computed with exactly that value, so stored codes and stored scale agree."""
+    torch.manual_seed(5)
+    w = torch.randn(16, 32)
+    q = rtn(w, grid_for(FP8_T, torch.bfloat16).bind(w))
+    exact = w.abs().max().double() / 448
+    assert q.scale.dtype == torch.bfloat16
+    s = q.scale.double().item()
+    below = (q.scale.view(torch.int16) - 1).view(torch.bfloat16).double().item()
+    assert below < exact.item() <= s
+    assert torch.equal(q.codes.double(), ref_fp8(w, q.scale.double()))
+    assert q.codes.double().abs().max() <= 448
