@@ -3,18 +3,51 @@ safetensors, so a model is never held whole in RAM."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from .errors import LowbitError
 
 log = logging.getLogger(__name__)
+
+
+_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+           "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+           "F8_E5M2": torch.float8_e5m2}
+
+
+def _read_header(path: Path) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
+    """name -> (dtype, shape, start, end) of a safetensors file, with its layout checked.
+
+    The format: 8-byte little-endian header length, a JSON header, then the tensor bytes.
+    """
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            n = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+            if n <= 0 or 8 + n > size:
+                raise ValueError("header length is out of range")
+            header = json.loads(f.read(n))
+        out = {}
+        for name, info in header.items():
+            if name == "__metadata__":
+                continue
+            start, end = info["data_offsets"]
+            dtype = _DTYPES[info["dtype"]]
+            count = math.prod(info["shape"])
+            if end - start != count * dtype.itemsize or 8 + n + end > size:
+                raise ValueError(f"tensor {name} does not fit the file (truncated?)")
+            out[name] = (dtype, info["shape"], 8 + n + start, 8 + n + end)
+        return out
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise LowbitError(f"cannot read {path}: not a valid safetensors file ({e})") from None
 
 
 def load_tokenizer(path: str | Path):
@@ -47,9 +80,8 @@ class Checkpoint:
             method = self.config_dict["quantization_config"].get("quant_method", "?")
             raise LowbitError(f"{self.path} is already quantized ({method}); start from the "
                               "unquantized checkpoint")
+        self.headers: dict[str, dict] = {}
         self.files = self._tensor_files()
-        self._handles: dict[str, object] = {}
-        self._stack = contextlib.ExitStack()
 
     def _tensor_files(self) -> dict[str, str]:
         index = self.path / "model.safetensors.index.json"
@@ -68,12 +100,8 @@ class Checkpoint:
             files = sorted(set(weight_map.values()))
         names: dict[str, str] = {}
         for file in files:
-            try:
-                with safe_open(self.path / file, framework="pt") as f:
-                    for key in f.keys():
-                        names[key] = file
-            except Exception as e:  # safetensors raises its own error types for bad headers
-                raise LowbitError(f"cannot read {self.path / file}: {e}") from None
+            self.headers[file] = _read_header(self.path / file)
+            names.update({key: file for key in self.headers[file]})
         return names
 
     @property
@@ -94,21 +122,26 @@ class Checkpoint:
         return list(self.files)
 
     def tensor(self, name: str) -> torch.Tensor:
-        """One tensor, read from its memory-mapped file."""
+        """One tensor, read with a positional read into fresh memory.
+
+        Not memory-mapped on purpose: pages of a mapping stay resident (and count in RSS) for
+        as long as the file is open, which would make peak memory grow with the model.
+        """
         file = self.files.get(name)
         if file is None:
             raise KeyError(name)
-        if file not in self._handles:
-            self._handles[file] = self._stack.enter_context(
-                safe_open(self.path / file, framework="pt"))
-        try:
-            return self._handles[file].get_tensor(name)
-        except Exception as e:
-            raise LowbitError(f"cannot read tensor {name} from {self.path / file}: {e}") from None
+        dtype, shape, start, end = self.headers[file][name]
+        with open(self.path / file, "rb") as f:
+            buf = bytearray(end - start)
+            f.seek(start)
+            if f.readinto(buf) != len(buf):
+                raise LowbitError(f"{self.path / file} is truncated (tensor {name} runs past its end)")
+        if not buf:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
     def close(self) -> None:
-        self._stack.close()
-        self._handles.clear()
+        """Nothing stays open between reads; kept so callers can treat this like a file."""
 
     def skeleton(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         """The model with every parameter on the meta device (buffers real), no weights read."""

@@ -156,3 +156,14 @@ def test_checkpoint_without_architectures_is_refused(tiny_dir, tmp_path):
     (src / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(LowbitError, match="architectures"):
         Checkpoint(src)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_safetensors_is_a_clear_error(damage, tiny_dir, tmp_path):
+    import shutil
+    src = shutil.copytree(tiny_dir("llama"), tmp_path / "m")
+    shard = sorted(src.glob("*.safetensors"))[-1]
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) - 100] if damage == "truncate" else b"\x00" * 64)
+    with pytest.raises(LowbitError, match="not a valid safetensors file"):
+        Checkpoint(src)
