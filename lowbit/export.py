@@ -21,6 +21,7 @@ import compressed_tensors
 
 from .errors import LowbitError
 from .formats.grid import Quantized
+from .formats.pack import pack_int32
 from .outdir import atomic_dir
 from .schemes import QuantSpec, Scheme
 
@@ -56,6 +57,8 @@ def compression_format(scheme: Scheme) -> str:
         return "float-quantized" if scheme.inputs is not None else "naive-quantized"
     if w.format == "int" and w.bits == 8 and scheme.inputs is not None:
         return "int-quantized"
+    if w.format == "int" and scheme.inputs is None:
+        return "pack-quantized"  # vLLM's WNA16 kernels read only this format
     raise LowbitError(f"no compressed-tensors export for scheme {scheme.name}")
 
 
@@ -120,6 +123,7 @@ class CheckpointWriter:
                  overwrite: bool = False, shard_bytes: int = 512 * 2**20):
         self.out, self.source, self.scheme = Path(out), Path(source), scheme
         self.shard_bytes = shard_bytes
+        self.format = compression_format(scheme)
         self._dir_ctx = atomic_dir(self.out, overwrite)
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffered = 0
@@ -150,8 +154,15 @@ class CheckpointWriter:
         self._buffered += tensor.numel() * tensor.element_size()
 
     def add_linear(self, prefix: str, q: Quantized, input_scale: torch.Tensor | None = None) -> None:
-        """One quantized Linear: `prefix.weight` codes plus their scales."""
-        self.add(f"{prefix}.weight", q.codes)
+        """One quantized Linear: its codes (packed as the format wants) plus their scales."""
+        if self.format == "pack-quantized":
+            bits = q.grid.spec.bits
+            self.add(f"{prefix}.weight_packed", pack_int32(q.codes, bits))
+            self.add(f"{prefix}.weight_shape", torch.tensor(q.codes.shape, dtype=torch.int64))
+            if q.zero is not None:  # zero points are packed along the output dimension
+                self.add(f"{prefix}.weight_zero_point", pack_int32(q.zero, bits, dim=0))
+        else:
+            self.add(f"{prefix}.weight", q.codes)
         # fused Linears share one scale tensor; each gets its own copy on disk
         self.add(f"{prefix}.weight_scale", q.scale.clone())
         if input_scale is not None:

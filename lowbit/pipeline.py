@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .algorithms.gptq import gptq
 from .algorithms.rtn import rtn
 from .checkpoint import Checkpoint
 from .errors import LowbitError
@@ -23,7 +24,7 @@ from .formats.grid import Quantized, activation_qdq, grid_for
 from .models import arch_for, decoder_layers, fused_sets, linears
 from .progress import progress
 from .schemes import Scheme
-from .stats import AbsMax
+from .stats import AbsMax, Hessian
 
 
 class _Stop(Exception):
@@ -106,15 +107,39 @@ def _hooks(handles: list):
             h.remove()
 
 
+@dataclass
+class _SetStats:
+    """What one fused set's shared input told us (members read the very same tensor)."""
+
+    amax: AbsMax
+    hessian: Hessian | None
+
+
 @torch.no_grad()
-def _input_amax(layer, targets, hidden, kwargs) -> dict[str, AbsMax]:
-    stats = {n: AbsMax() for n in targets}
-    handles = [targets[n].register_forward_pre_hook(lambda m, a, s=stats[n]: s.update(a[0]))
-               for n in targets]
+def _collect(layer, targets, sets, hidden, kwargs, scheme: Scheme) -> dict[tuple, _SetStats]:
+    """One forward of the layer over all samples with hooks on each fused set's input."""
+    gptq_needed = scheme.algorithm == "gptq"
+    stats = {s: _SetStats(AbsMax(), Hessian(targets[s[0]].in_features) if gptq_needed else None)
+             for s in sets}
+
+    def observe(st: _SetStats):
+        def hook(_module, args):
+            st.amax.update(args[0])
+            if st.hessian is not None:
+                st.hessian.update(args[0])
+        return hook
+
+    handles = [targets[s[0]].register_forward_pre_hook(observe(st)) for s, st in stats.items()]
     with _hooks(handles):
         for h, kw in zip(hidden, kwargs):
             _run(layer, h, kw)
     return stats
+
+
+def _solve(weight: torch.Tensor, stats: _SetStats | None, grid, scheme: Scheme) -> Quantized:
+    if scheme.algorithm == "gptq":
+        return gptq(weight, stats.hessian.mean(), grid, act_order=scheme.act_order, damp=scheme.damp)
+    return rtn(weight, grid)
 
 
 @dataclass
@@ -153,10 +178,8 @@ def _propagate(layer, targets, originals, act_quant, hidden, kwargs, report_samp
     return {n: (e.err / e.ref) ** 0.5 if e.ref > 0 else 0.0 for n, e in sums.items()}
 
 
-def _input_scale(scheme: Scheme, amax: AbsMax, dtype: torch.dtype) -> torch.Tensor | None:
-    """The static per-tensor input scale to store (None for dynamic inputs)."""
-    if scheme.inputs.dynamic:
-        return None
+def _input_scale(scheme: Scheme, amax: AbsMax, dtype: torch.dtype) -> torch.Tensor:
+    """The static per-tensor input scale to store."""
     return grid_for(scheme.inputs, dtype).bind_amax(amax.value).tensor_scale.reshape(1)
 
 
@@ -194,20 +217,19 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
         for n in linears(layer):
             if n not in targets:
                 writer.skip_linear(prefix + n)
-        amax = _input_amax(layer, targets, hidden, kwargs[i]) if static_inputs else {}
+        mine = [s for s in sets if s[0] in targets]
+        needs_stats = static_inputs or scheme.algorithm == "gptq"
+        stats = _collect(layer, targets, mine, hidden, kwargs[i], scheme) if needs_stats else {}
         quantized: dict[str, Quantized] = {}
         act_quant, input_scales = {}, {}
-        for s in (s for s in sets if s[0] in targets):
+        for s in mine:
             # binding on the concatenation is how q/k/v (and gate/up) share one per-tensor scale
             grid = grid_for(scheme.weights, dtype).bind(torch.cat([targets[n].weight for n in s]))
-            shared = AbsMax()
             for n in s:
                 check_shape(prefix + n, *targets[n].weight.shape, scheme.weights)
-                quantized[n] = rtn(targets[n].weight, grid)
-                if static_inputs:
-                    shared.merge(amax[n])
+                quantized[n] = _solve(targets[n].weight, stats.get(s), grid, scheme)
             if scheme.inputs is not None:
-                scale = _input_scale(scheme, shared, dtype)
+                scale = _input_scale(scheme, stats[s].amax, dtype) if static_inputs else None
                 for n in s:
                     act_quant[n], input_scales[n] = activation_qdq(scheme.inputs, scale), scale
         originals = {n: targets[n].weight for n in targets}

@@ -43,7 +43,9 @@ class Scheme:
     weights: QuantSpec
     inputs: QuantSpec | None = None
     kv_cache: QuantSpec | None = None
-    algorithm: str = "rtn"
+    algorithm: str = "rtn"  # "rtn" | "gptq"
+    act_order: bool = True  # GPTQ: visit columns by decreasing Hessian diagonal
+    damp: float = 0.01  # GPTQ: dampening, a fraction of the Hessian's mean diagonal
     ignore: tuple[str, ...] = ("lm_head",)
     description: str = ""
 
@@ -51,8 +53,28 @@ class Scheme:
         extra = tuple(p for p in patterns if p not in self.ignore)
         return dataclasses.replace(self, ignore=self.ignore + extra)
 
+    def with_options(self, *, group_size: int | None = None, algorithm: str | None = None) -> "Scheme":
+        """This scheme with another weight group size and/or algorithm, validated."""
+        scheme = self
+        if algorithm is not None:
+            if algorithm not in ALGORITHMS:
+                raise LowbitError(f"unknown algorithm {algorithm!r}; valid: {', '.join(ALGORITHMS)}")
+            scheme = dataclasses.replace(scheme, algorithm=algorithm)
+        if group_size is not None:
+            if scheme.weights.format != "int":
+                raise LowbitError(f"--group-size applies to INT weight schemes, not {self.name}")
+            if group_size < 1:
+                raise LowbitError(f"--group-size must be positive, got {group_size}")
+            weights = dataclasses.replace(scheme.weights, granularity="group", group_size=group_size)
+            scheme = dataclasses.replace(scheme, weights=weights)
+        return scheme
+
+
+ALGORITHMS = ("rtn", "gptq")
+
 
 FP8_TENSOR = QuantSpec("fp8", 8, "tensor")
+INT4_G128 = QuantSpec("int", 4, "group", group_size=128)
 FP8_CHANNEL = QuantSpec("fp8", 8, "channel")
 
 PRESETS: dict[str, Scheme] = {
@@ -73,6 +95,30 @@ PRESETS: dict[str, Scheme] = {
         "W8A16_FP8",
         weights=FP8_CHANNEL,
         description="FP8 E4M3 per-channel weights only; activations stay 16-bit (Marlin FP8 kernel)",
+    ),
+    "W4A16": Scheme(
+        "W4A16",
+        weights=INT4_G128,
+        algorithm="gptq",
+        description="INT4 symmetric weights, group 128, GPTQ; activations stay 16-bit (Marlin/Machete)",
+    ),
+    "W4A16_ASYM": Scheme(
+        "W4A16_ASYM",
+        weights=dataclasses.replace(INT4_G128, symmetric=False),
+        algorithm="gptq",
+        description="INT4 asymmetric weights (scale + zero point), group 128, GPTQ",
+    ),
+    "W8A16": Scheme(
+        "W8A16",
+        weights=QuantSpec("int", 8, "channel"),
+        algorithm="gptq",
+        description="INT8 symmetric per-channel weights, GPTQ; activations stay 16-bit",
+    ),
+    "W8A8_INT8": Scheme(
+        "W8A8_INT8",
+        weights=QuantSpec("int", 8, "channel"),
+        inputs=QuantSpec("int", 8, "token", dynamic=True),
+        description="INT8 per-channel weights, INT8 per-token inputs at run time",
     ),
 }
 

@@ -16,8 +16,9 @@ def rtn(weight: torch.Tensor, grid: ScaleGrid) -> Quantized:
         rows = w.reshape(-1, g)  # one row per (output channel, group)
         p = grid.fit(rows)
         codes = grid.encode(rows, p).reshape(w.shape)
-        return Quantized(codes, p.scale.reshape(w.shape[0], -1), grid)
+        zero = p.zero.reshape(w.shape[0], -1) if p.zero is not None else None
+        return Quantized(codes, p.scale.reshape(w.shape[0], -1), grid, zero)
     p = grid.fit(w)
     codes = grid.encode(w, p)
     scale = p.scale.reshape(1) if spec.granularity == "tensor" else p.scale
-    return Quantized(codes, scale, grid)
+    return Quantized(codes, scale, grid, p.zero)

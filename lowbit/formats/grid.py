@@ -89,6 +89,32 @@ class ScaleGrid:
         return codes.to(p.scale.dtype) * p.scale
 
 
+@dataclass(frozen=True)
+class AffineGrid(ScaleGrid):
+    """An asymmetric integer grid: codes = round(x / scale + zero) on [qmin, qmax].
+
+    Each block's range [min(x, 0), max(x, 0)] spans the whole code range; zero is an integer
+    code (the one that decodes to 0.0), so zero stays exactly representable.
+    """
+
+    def fit(self, block: torch.Tensor) -> QParams:
+        _check_finite(block)
+        qmin, qmax = int_range(self.spec.bits)
+        lo = block.amin(dim=-1, keepdim=True).clamp(max=0).float()
+        hi = block.amax(dim=-1, keepdim=True).clamp(min=0).float()
+        scale = _scale_from_amax(hi - lo, qmax - qmin, self.scale_dtype)
+        zero = torch.round(qmin - lo.double() / scale.double()).clamp(qmin, qmax).to(torch.int8)
+        return QParams(scale, zero)
+
+    def encode(self, x: torch.Tensor, p: QParams, work: torch.dtype = torch.float64) -> torch.Tensor:
+        _check_finite(x)
+        return self.round(x.to(work) / p.scale.to(work) + p.zero.to(work))
+
+    def decode(self, codes: torch.Tensor, p: QParams) -> torch.Tensor:
+        # compressed-tensors: (x_q - zero_point) * scale, all in the scale's dtype
+        return (codes.to(p.scale.dtype) - p.zero.to(p.scale.dtype)) * p.scale
+
+
 def grid_for(spec: QuantSpec, scale_dtype: torch.dtype = torch.float32) -> ScaleGrid:
     """The one place a spec's format becomes numerics."""
     match spec.format, spec.bits, spec.symmetric:
@@ -96,6 +122,8 @@ def grid_for(spec: QuantSpec, scale_dtype: torch.dtype = torch.float32) -> Scale
             return ScaleGrid(spec, E4M3_MAX, round_e4m3, scale_dtype)
         case "int", bits, True if 2 <= bits <= 8:
             return ScaleGrid(spec, float(int_range(bits)[1]), lambda s: round_int(s, bits), scale_dtype)
+        case "int", bits, False if 2 <= bits <= 8 and spec.granularity != "tensor":
+            return AffineGrid(spec, float(int_range(bits)[1]), lambda s: round_int(s, bits), scale_dtype)
     raise NotImplementedError(f"no numerics for {spec}")
 
 
@@ -123,16 +151,18 @@ class Quantized:
     codes: torch.Tensor
     scale: torch.Tensor  # tensor: [1]; channel: [out, 1]; group: [out, in // group_size]
     grid: ScaleGrid
-    zero: torch.Tensor | None = None
+    zero: torch.Tensor | None = None  # int8 codes, shaped like scale (asymmetric grids)
 
     def params(self) -> QParams:
         """Parameters broadcast against the full [out, in] code matrix."""
-        scale = self.scale
+        scale, zero = self.scale, self.zero
         if self.grid.spec.granularity == "group":
-            scale = scale.repeat_interleave(self.grid.spec.group_size, dim=1)
+            g = self.grid.spec.group_size
+            scale = scale.repeat_interleave(g, dim=1)
+            zero = zero.repeat_interleave(g, dim=1) if zero is not None else None
         elif scale.dim() == 1:
             scale = scale.reshape(1, 1)
-        return QParams(scale, self.zero)
+        return QParams(scale, zero)
 
     def dequantize(self) -> torch.Tensor:
         return self.grid.decode(self.codes, self.params())

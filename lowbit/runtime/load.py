@@ -13,6 +13,7 @@ from torch import nn
 from ..checkpoint import Checkpoint
 from ..errors import LowbitError
 from ..formats.grid import Quantized, activation_qdq, grid_for
+from ..formats.pack import unpack_int32
 from ..schemes import QuantSpec
 
 
@@ -36,6 +37,19 @@ def _scheme_for(name: str, module: nn.Module, qcfg: dict) -> dict | None:
     return None
 
 
+def _stored(ckpt: Checkpoint, name: str, spec: QuantSpec) -> Quantized:
+    """A Linear's codes and parameters as written (plain, or pack-quantized into int32)."""
+    scale = ckpt.tensor(f"{name}.weight_scale")
+    if f"{name}.weight_packed" not in ckpt.files:
+        return Quantized(ckpt.tensor(f"{name}.weight"), scale, grid_for(spec))
+    shape = tuple(ckpt.tensor(f"{name}.weight_shape").tolist())
+    codes = unpack_int32(ckpt.tensor(f"{name}.weight_packed"), spec.bits, shape)
+    zero = None
+    if f"{name}.weight_zero_point" in ckpt.files:
+        zero = unpack_int32(ckpt.tensor(f"{name}.weight_zero_point"), spec.bits, tuple(scale.shape), dim=0)
+    return Quantized(codes, scale, grid_for(spec), zero)
+
+
 @torch.no_grad()
 def load_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     ckpt = Checkpoint(path, allow_quantized=True)
@@ -52,8 +66,7 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
                 if tied and full == "lm_head.weight":
                     continue
                 if group is not None and pname == "weight":
-                    spec = spec_from_args(group["weights"])
-                    q = Quantized(ckpt.tensor(full), ckpt.tensor(full + "_scale"), grid_for(spec))
+                    q = _stored(ckpt, name, spec_from_args(group["weights"]))
                     module.weight = nn.Parameter(q.dequantize().to(dtype), requires_grad=False)
                 else:
                     ckpt.materialize_param(module, pname, full, dtype)
