@@ -14,7 +14,7 @@ from .checkpoint import Checkpoint, load_tokenizer
 from .errors import LowbitError
 from .export import CheckpointWriter
 from .outdir import check_output
-from .pipeline import quantize_layers
+from .pipeline import quantize_layers, resolve_group_size
 from .schemes import Scheme, get_scheme
 
 log = logging.getLogger(__name__)
@@ -35,20 +35,25 @@ def _check_seq_len(ckpt: Checkpoint, seq_len: int) -> None:
 def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *,
              dataset: str = "sharegpt", samples: int = 128, seq_len: int = 512,
              ignore: tuple[str, ...] | list[str] = (), seed: int = 0,
+             group_size: int | None = None, algorithm: str | None = None,
              overwrite: bool = False) -> dict:
     """Quantize the checkpoint directory `model` with `scheme` and write a compressed-tensors
     checkpoint to `out`.
 
     Calibration uses `samples` records of at most `seq_len` tokens from `dataset` (its
-    calibration split), chosen by `seed`. Returns a summary: scheme, timings, output size
+    calibration split), chosen by `seed`. `group_size` and `algorithm` ("rtn" or "gptq")
+    override the scheme's defaults. Returns a summary: scheme, timings, output size
     and the per-Linear relative output errors, worst first (also saved as OUT/lowbit_report.json).
     """
     start = time.perf_counter()
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
-    scheme = scheme.with_ignore(tuple(ignore))
+    scheme = scheme.with_ignore(tuple(ignore)).with_options(group_size=group_size, algorithm=algorithm)
     check_output(out, overwrite)
     ckpt = Checkpoint(model)
     try:
+        scheme, notice = resolve_group_size(ckpt, scheme)
+        if notice:
+            log.warning(notice)
         _check_seq_len(ckpt, seq_len)
         tokenizer = ckpt.tokenizer()
         records = data.read_records(dataset)
@@ -58,6 +63,9 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
             worst = sorted(layers, key=lambda r: -r["rel_error"])
             summary = {
                 "scheme": scheme.name,
+                "algorithm": scheme.algorithm,
+                "group_size": scheme.weights.group_size,
+                "notices": [notice] if notice else [],
                 "model": str(ckpt.path.resolve()),
                 "dataset": records.source,
                 "records_dropped": records.dropped,

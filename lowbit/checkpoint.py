@@ -121,6 +121,10 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.files)
 
+    def tensor_info(self) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
+        """name -> (dtype, shape, start, end) for every tensor, from the headers alone."""
+        return {name: self.headers[file][name] for name, file in self.files.items()}
+
     def tensor(self, name: str) -> torch.Tensor:
         """One tensor, read with a positional read into fresh memory.
 

@@ -29,7 +29,11 @@ def _size(n: int) -> str:
 
 
 def _print_quantize(s: dict, top: int = 10) -> None:
-    print(f"quantized {s['model']} -> {s['out']} ({s['scheme']}) in {s['seconds']:.1f} s")
+    group = f", group {s['group_size']}" if s["group_size"] else ""
+    print(f"quantized {s['model']} -> {s['out']} ({s['scheme']}, {s['algorithm']}{group}) "
+          f"in {s['seconds']:.1f} s")
+    for notice in s["notices"]:
+        print(f"note: {notice}")
     print(f"calibration: {s['samples']} samples, {s['calibration_tokens']} tokens from {s['dataset']}"
           + (f" ({s['records_dropped']} malformed records dropped)" if s["records_dropped"] else ""))
     print(f"size on disk: {_size(s['size_bytes'])} (source {_size(s['source_size_bytes'])})")
@@ -55,7 +59,8 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     from . import api
 
     s = api.quantize(a.model, a.out, a.scheme, dataset=a.dataset, samples=a.samples,
-                     seq_len=a.seq_len, ignore=a.ignore, seed=a.seed, overwrite=a.overwrite)
+                     seq_len=a.seq_len, ignore=a.ignore, seed=a.seed, group_size=a.group_size,
+                     algorithm=a.algorithm, overwrite=a.overwrite)
     print(json.dumps(s, indent=2)) if a.json else _print_quantize(s)
 
 
@@ -104,6 +109,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--ignore", nargs="+", default=[], metavar="PAT",
                    help="module-name patterns left unquantized (globs, or re:REGEX); lm_head always is")
     q.add_argument("--seed", type=int, default=0, help="calibration sample selection seed (default: 0)")
+    q.add_argument("--group-size", type=_positive, metavar="G",
+                   help="weights share a scale per G input columns (INT schemes; default: the "
+                   "scheme's, 128 for W4A16). If G does not divide a layer's width, the largest "
+                   "vLLM-supported size that does is used, and reported")
+    q.add_argument("--algorithm", choices=["rtn", "gptq"],
+                   help="rtn: round to nearest; gptq: error-compensating, uses calibration "
+                   "Hessians (default: the scheme's: gptq for W4A16/W4A16_ASYM/W8A16, else rtn)")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     q.set_defaults(func=_cmd_quantize)

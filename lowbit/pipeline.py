@@ -183,6 +183,34 @@ def _input_scale(scheme: Scheme, amax: AbsMax, dtype: torch.dtype) -> torch.Tens
     return grid_for(scheme.inputs, dtype).bind_amax(amax.value).tensor_scale.reshape(1)
 
 
+VLLM_GROUP_SIZES = (128, 64, 32)  # what vLLM's Marlin/Machete WNA16 kernels take
+
+
+def resolve_group_size(ckpt: Checkpoint, scheme: Scheme) -> tuple[Scheme, str | None]:
+    """A scheme whose group size divides every quantized Linear's input width, and a notice.
+
+    A group must not straddle the end of a row (vLLM rejects partial groups), so when the
+    requested size does not divide some in_features (SmolLM2's 576 and 128), the largest
+    vLLM-supported size below it that divides them all is used instead, and we say so.
+    """
+    spec = scheme.weights
+    if spec.granularity != "group":
+        return scheme, None
+    widths = {shape[1] for name, (_, shape, _, _) in ckpt.tensor_info().items()
+              if re.search(r"\.layers\.\d+\..*\.weight$", name) and len(shape) == 2
+              and not is_ignored(name[: -len(".weight")], scheme.ignore)}
+    if all(w % spec.group_size == 0 for w in widths):
+        return scheme, None
+    fits = [g for g in VLLM_GROUP_SIZES if g < spec.group_size and all(w % g == 0 for w in widths)]
+    if not fits:
+        raise LowbitError(f"group size {spec.group_size} does not divide the Linear input widths "
+                          f"{sorted(widths)}, and no vLLM group size ({VLLM_GROUP_SIZES}) does")
+    odd = sorted(w for w in widths if w % spec.group_size)
+    notice = (f"group size {spec.group_size} does not divide in_features {odd}; using {fits[0]}, "
+              "the largest group size vLLM serves that does")
+    return scheme.with_options(group_size=fits[0]), notice
+
+
 @torch.no_grad()
 def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor], writer,
                     report_samples: int = 16) -> list[dict]:

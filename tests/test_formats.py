@@ -173,3 +173,36 @@ def test_bf16_stored_scale_is_rounded_up_and_codes_use_it():
     assert below < exact.item() <= s
     assert torch.equal(q.codes.double(), ref_fp8(w, q.scale.double()))
     assert q.codes.double().abs().max() <= 448
+
+
+def test_int4_asymmetric_group_matches_reference():
+    torch.manual_seed(6)
+    w = torch.randn(8, 64) + 0.7  # off-centre rows use the zero point
+    q = rtn(w, grid_for(QuantSpec("int", 4, "group", group_size=32, symmetric=False)))
+    rows = w.double().reshape(-1, 32)
+    lo, hi = rows.min(1, keepdim=True).values.clamp(max=0), rows.max(1, keepdim=True).values.clamp(min=0)
+    scale = (hi.float() - lo.float()) / 15  # the formula, in float32 like the stored scale
+    zero = torch.tensor([[max(-8, min(7, round(-8 - l / s)))] for l, s in zip(lo.flatten().tolist(),
+                                                                              scale.double().flatten().tolist())])
+    codes = [[max(-8, min(7, round(v / s + z))) for v in row]
+             for row, s, z in zip(rows.tolist(), scale.double().flatten().tolist(), zero.flatten().tolist())]
+    assert torch.equal(q.scale, scale.reshape(8, 2))
+    assert torch.equal(q.zero.long(), zero.reshape(8, 2))
+    assert q.codes.reshape(-1, 32).tolist() == codes
+    assert torch.equal(q.dequantize(), (q.codes.float() - q.zero.float().repeat_interleave(32, 1))
+                       * q.scale.repeat_interleave(32, 1))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("shape", [(5, 64), (3, 70), (16, 576)])
+@pytest.mark.parametrize("dim", [0, 1])
+def test_int32_packing_matches_compressed_tensors_and_inverts(bits, shape, dim):
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    from lowbit.formats.pack import pack_int32, unpack_int32
+
+    g = torch.Generator().manual_seed(bits * 1000 + shape[1])
+    codes = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), shape, generator=g, dtype=torch.int8)
+    packed = pack_int32(codes, bits, dim)
+    assert torch.equal(packed, pack_to_int32(codes, bits, packed_dim=dim))
+    assert torch.equal(unpack_int32(packed, bits, shape, dim), codes)

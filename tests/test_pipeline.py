@@ -32,6 +32,8 @@ def samples(n=6, length=48, seed=0):
 
 def run(src: Path, out: Path, scheme="FP8", ignore=()):
     s = PRESETS[scheme].with_ignore(tuple(ignore))
+    if s.weights.granularity == "group":
+        s = s.with_options(group_size=32)  # tiny widths are 64 and 128
     ckpt = Checkpoint(src)
     with CheckpointWriter(out, src, s, overwrite=True) as w:
         report = quantize_layers(ckpt, s, samples(), w)
@@ -48,7 +50,7 @@ def tensors(path: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("scheme", ["FP8", "FP8_DYNAMIC", "W8A16_FP8"])
+@pytest.mark.parametrize("scheme", ["FP8", "FP8_DYNAMIC", "W8A16_FP8", "W4A16", "W8A8_INT8"])
 def test_every_family_quantizes_and_reloads(family, scheme, tiny_dir, tmp_path):
     src = tiny_dir(family)
     report = run(src, tmp_path / "q", scheme)
@@ -58,7 +60,7 @@ def test_every_family_quantizes_and_reloads(family, scheme, tiny_dir, tmp_path):
     ids = samples(1, 40, seed=9)[0][None]
     a, b = ours(input_ids=ids).logits, base(input_ids=ids).logits
     assert torch.isfinite(a).all()
-    assert 0 < ((a - b).norm() / b.norm()).item() < 0.2
+    assert 0 < ((a - b).norm() / b.norm()).item() < (0.3 if scheme == "W4A16" else 0.2)
     # transformers reads the same checkpoint and gets our dequantized weights bit for bit
     hf = AutoModelForCausalLM.from_pretrained(tmp_path / "q", dtype=torch.bfloat16)
     hf(input_ids=ids[:, :4])  # compressed-tensors decompresses on the first forward
