@@ -9,26 +9,15 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from measure import peak_rss_of  # noqa: E402
 from synthetic import write_llama  # noqa: E402
 
 GIB = 2**30
-
-
-def peak_rss_of(cmd: list[str]) -> tuple[float, float]:
-    """(peak RSS in bytes, wall seconds) of a child process, measured by the kernel."""
-    # ru_maxrss of RUSAGE_CHILDREN is the max over all waited-for children: run one per process
-    probe = [sys.executable, "-c",
-             "import resource,subprocess,sys,time;t=time.perf_counter();"
-             "subprocess.run(sys.argv[1:],check=True,stdout=subprocess.DEVNULL);"
-             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss*1024,time.perf_counter()-t)"]
-    out = subprocess.run(probe + cmd, check=True, capture_output=True, text=True).stdout.split()
-    return float(out[0]), float(out[1])
 
 
 def main() -> None:

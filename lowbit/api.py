@@ -36,6 +36,7 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
              dataset: str = "sharegpt", samples: int = 128, seq_len: int = 512,
              ignore: tuple[str, ...] | list[str] = (), seed: int = 0,
              group_size: int | None = None, algorithm: str | None = None,
+             kv_cache: str | None = None, kv_scale: str | None = None,
              overwrite: bool = False) -> dict:
     """Quantize the checkpoint directory `model` with `scheme` and write a compressed-tensors
     checkpoint to `out`.
@@ -47,7 +48,8 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
     """
     start = time.perf_counter()
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
-    scheme = scheme.with_ignore(tuple(ignore)).with_options(group_size=group_size, algorithm=algorithm)
+    scheme = scheme.with_ignore(tuple(ignore)).with_options(
+        group_size=group_size, algorithm=algorithm, kv_cache=kv_cache, kv_scale=kv_scale)
     check_output(out, overwrite)
     ckpt = Checkpoint(model)
     try:
@@ -65,6 +67,7 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
                 "scheme": scheme.name,
                 "algorithm": scheme.algorithm,
                 "group_size": scheme.weights.group_size,
+                "kv_cache": "fp8" if scheme.kv_cache else None,
                 "notices": [notice] if notice else [],
                 "model": str(ckpt.path.resolve()),
                 "dataset": records.source,
@@ -96,7 +99,7 @@ def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: 
              windows: int = 32, seq_len: int = 512) -> dict:
     """Perplexity of `model` on held-out windows of `dataset` (its evaluation split); with a
     `baseline`, also mean next-token KL(baseline || model) and top-1 agreement."""
-    from .evaluate import compare
+    from .metrics import compare
 
     start = time.perf_counter()
     path = Path(model)

@@ -30,6 +30,7 @@ def _size(n: int) -> str:
 
 def _print_quantize(s: dict, top: int = 10) -> None:
     group = f", group {s['group_size']}" if s["group_size"] else ""
+    group += ", FP8 KV cache" if s["kv_cache"] else ""
     print(f"quantized {s['model']} -> {s['out']} ({s['scheme']}, {s['algorithm']}{group}) "
           f"in {s['seconds']:.1f} s")
     for notice in s["notices"]:
@@ -60,7 +61,8 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
 
     s = api.quantize(a.model, a.out, a.scheme, dataset=a.dataset, samples=a.samples,
                      seq_len=a.seq_len, ignore=a.ignore, seed=a.seed, group_size=a.group_size,
-                     algorithm=a.algorithm, overwrite=a.overwrite)
+                     algorithm=a.algorithm, kv_cache=a.kv_cache, kv_scale=a.kv_scale,
+                     overwrite=a.overwrite)
     print(json.dumps(s, indent=2)) if a.json else _print_quantize(s)
 
 
@@ -116,6 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--algorithm", choices=["rtn", "gptq"],
                    help="rtn: round to nearest; gptq: error-compensating, uses calibration "
                    "Hessians (default: the scheme's: gptq for W4A16/W4A16_ASYM/W8A16, else rtn)")
+    q.add_argument("--kv-cache", choices=["fp8"],
+                   help="also quantize the KV cache (any scheme): per-tensor FP8 K and V scales "
+                   "from calibration, exported as kv_cache_scheme + k_scale/v_scale")
+    q.add_argument("--kv-scale", choices=["calibrated", "unit"],
+                   help="calibrated (default): K and V share one scale, max(amax)/448, as in AMD's "
+                   "MLPerf recipe; unit: 1.0")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     q.set_defaults(func=_cmd_quantize)

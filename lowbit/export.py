@@ -75,6 +75,7 @@ def quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
         format=compression_format(scheme),
         quantization_status="compressed",
         ignore=ignore,
+        kv_cache_scheme=quant_args(scheme.kv_cache) if scheme.kv_cache else None,
     )
     return {
         "version": compressed_tensors.__version__,

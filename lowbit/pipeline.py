@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from .algorithms.gptq import gptq
+from .algorithms.kv_cache import kv_cache_scale
+from .attention import attention_modules, kv_hooks
 from .algorithms.rtn import rtn
 from .checkpoint import Checkpoint
 from .errors import LowbitError
@@ -149,8 +151,9 @@ class _ErrorSums:
 
 
 @torch.no_grad()
-def _propagate(layer, targets, originals, act_quant, hidden, kwargs, report_samples):
-    """Run the quantized layer; measure each Linear's relative output error on the first samples."""
+def _propagate(layer, targets, originals, act_quant, hidden, kwargs, report_samples, kv_stats):
+    """Run the quantized layer; measure each Linear's relative output error on the first samples
+    and, when `kv_stats` maps attention modules to (AbsMax, AbsMax), the cached K and V ranges."""
     sums = {n: _ErrorSums() for n in targets}
     measuring = [True]
     handles = []
@@ -171,7 +174,12 @@ def _propagate(layer, targets, originals, act_quant, hidden, kwargs, report_samp
         if n in act_quant:
             handles.append(lin.register_forward_pre_hook(lambda m, a, f=act_quant[n]: (f(a[0]),)))
         handles.append(lin.register_forward_hook(compare))
-    with _hooks(handles):
+    def observe_kv(module, k, v):
+        kv_stats[module][0].update(k)
+        kv_stats[module][1].update(v)
+        return k, v
+
+    with _hooks(handles), kv_hooks({m: observe_kv for m in kv_stats}):
         for s, (h, kw) in enumerate(zip(hidden, kwargs)):
             measuring[0] = s < report_samples
             hidden[s] = _run(layer, h, kw)  # in place: one copy of the activations
@@ -264,13 +272,20 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
         for n, q in quantized.items():
             targets[n].weight = nn.Parameter(q.dequantize().to(dtype), requires_grad=False)
         check_fused(prefix, sets, quantized, input_scales)
-        errors = _propagate(layer, targets, originals, act_quant, hidden, kwargs[i], report_samples)
+        attn = attention_modules(layer) if scheme.kv_cache is not None else {}
+        kv_stats = {m: (AbsMax(), AbsMax()) for m in attn.values()}
+        errors = _propagate(layer, targets, originals, act_quant, hidden, kwargs[i], report_samples,
+                            kv_stats)
         for name in sorted(n for n in ckpt.names() if n.startswith(prefix)):
             module = name[len(prefix):].rsplit(".", 1)[0]
             if module in quantized and name.endswith(".weight"):
                 writer.add_linear(prefix + module, quantized[module], input_scales.get(module))
             else:
                 writer.add(name, ckpt.tensor(name))
+        for name, m in attn.items():
+            scale = kv_cache_scale(*kv_stats[m], scheme.kv_cache, scheme.kv_scale)
+            writer.add(f"{prefix}{name}.k_scale", scale)
+            writer.add(f"{prefix}{name}.v_scale", scale.clone())
         writer.end_layer(i)
         report += [{"name": prefix + n, "rel_error": errors[n]} for n in targets]
         del originals, quantized

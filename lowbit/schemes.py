@@ -43,6 +43,7 @@ class Scheme:
     weights: QuantSpec
     inputs: QuantSpec | None = None
     kv_cache: QuantSpec | None = None
+    kv_scale: str = "calibrated"  # "calibrated" (K and V share amax/448) | "unit" (1.0)
     algorithm: str = "rtn"  # "rtn" | "gptq"
     act_order: bool = True  # GPTQ: visit columns by decreasing Hessian diagonal
     damp: float = 0.01  # GPTQ: dampening, a fraction of the Hessian's mean diagonal
@@ -53,9 +54,20 @@ class Scheme:
         extra = tuple(p for p in patterns if p not in self.ignore)
         return dataclasses.replace(self, ignore=self.ignore + extra)
 
-    def with_options(self, *, group_size: int | None = None, algorithm: str | None = None) -> "Scheme":
-        """This scheme with another weight group size and/or algorithm, validated."""
+    def with_options(self, *, group_size: int | None = None, algorithm: str | None = None,
+                     kv_cache: str | None = None, kv_scale: str | None = None) -> "Scheme":
+        """This scheme with another weight group size, algorithm or KV cache, validated."""
         scheme = self
+        if kv_cache is not None:
+            if kv_cache not in KV_CACHES:
+                raise LowbitError(f"unknown KV cache format {kv_cache!r}; valid: {', '.join(KV_CACHES)}")
+            scheme = dataclasses.replace(scheme, kv_cache=KV_CACHES[kv_cache])
+        if kv_scale is not None:
+            if kv_scale not in ("calibrated", "unit"):
+                raise LowbitError(f"unknown KV scale {kv_scale!r}; valid: calibrated, unit")
+            if scheme.kv_cache is None:
+                raise LowbitError("--kv-scale needs a quantized KV cache (--kv-cache fp8)")
+            scheme = dataclasses.replace(scheme, kv_scale=kv_scale)
         if algorithm is not None:
             if algorithm not in ALGORITHMS:
                 raise LowbitError(f"unknown algorithm {algorithm!r}; valid: {', '.join(ALGORITHMS)}")
@@ -75,6 +87,8 @@ ALGORITHMS = ("rtn", "gptq")
 
 FP8_TENSOR = QuantSpec("fp8", 8, "tensor")
 INT4_G128 = QuantSpec("int", 4, "group", group_size=128)
+# vLLM accepts only FP8, per-tensor, symmetric, static KV-cache schemes
+KV_CACHES = {"fp8": FP8_TENSOR}
 FP8_CHANNEL = QuantSpec("fp8", 8, "channel")
 
 PRESETS: dict[str, Scheme] = {

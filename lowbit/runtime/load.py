@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..attention import attention_modules, install_kv_hooks
 from ..checkpoint import Checkpoint
 from ..errors import LowbitError
 from ..formats.grid import Quantized, activation_qdq, grid_for
@@ -50,6 +51,17 @@ def _stored(ckpt: Checkpoint, name: str, spec: QuantSpec) -> Quantized:
     return Quantized(codes, scale, grid_for(spec), zero)
 
 
+def _simulate_kv_cache(model: nn.Module, ckpt: Checkpoint, spec: QuantSpec) -> None:
+    """Quantize-dequantize cached keys and values with the stored k_scale / v_scale."""
+    hooks = {}
+    for name, module in attention_modules(model).items():
+        if f"{name}.k_scale" in ckpt.files:
+            fk = activation_qdq(spec, ckpt.tensor(f"{name}.k_scale"))
+            fv = activation_qdq(spec, ckpt.tensor(f"{name}.v_scale"))
+            hooks[module] = lambda m, k, v, fk=fk, fv=fv: (fk(k), fv(v))
+    install_kv_hooks(hooks)
+
+
 @torch.no_grad()
 def load_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     ckpt = Checkpoint(path, allow_quantized=True)
@@ -77,6 +89,8 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
                 module.register_forward_pre_hook(lambda m, a, f=qdq: (f(a[0]),))
         if tied:
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
+        if qcfg and qcfg.get("kv_cache_scheme"):
+            _simulate_kv_cache(model, ckpt, spec_from_args(qcfg["kv_cache_scheme"]))
         return model.eval()
     finally:
         ckpt.close()

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from lowbit.evaluate import compare
+from lowbit.metrics import compare
 from tiny import tiny_model
 
 

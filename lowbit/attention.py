@@ -1,0 +1,74 @@
+"""A seam in the attention of transformers models: see (and change) the keys and values
+that go into the KV cache, after RoPE and any q/k norm, exactly where a serving engine caches
+them. Used to calibrate KV-cache scales and to simulate a quantized cache."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+
+NAME = "lowbit_kv"
+KVHook = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _inner(module: nn.Module, implementation: str) -> Callable:
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    if implementation == "eager":  # each family has its own eager function (Gemma's softcapping)
+        return sys.modules[type(module).__module__].eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[implementation]
+
+
+def _attention(module, query, key, value, attention_mask, **kwargs):
+    hook: KVHook | None = module.__dict__.get("_lowbit_kv_hook")
+    if hook is not None:
+        key, value = hook(module, key, value)
+    return _inner(module, module.__dict__["_lowbit_kv_inner"])(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register(inner: str) -> str:
+    """The implementation name standing in for `inner`: our function, `inner`'s mask builder
+    (models build masks by implementation name, and eager and sdpa masks differ)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    name = f"{NAME}_{inner}"
+    ALL_ATTENTION_FUNCTIONS.register(name, _attention)
+    if inner in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[inner])
+    return name
+
+
+def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
+    """Modules that call the attention function: those holding a k_proj or a fused qkv_proj."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(getattr(m, "k_proj", None) or getattr(m, "qkv_proj", None), nn.Linear)}
+
+
+@contextlib.contextmanager
+def kv_hooks(hooks: dict[nn.Module, KVHook]) -> Iterator[None]:
+    """Route attention through `hooks[module](module, key, value)` inside the block."""
+    configs = {id(m.config): m.config for m in hooks if hasattr(m, "config")}
+    before = {k: c._attn_implementation for k, c in configs.items()}
+    for m, hook in hooks.items():
+        m.__dict__["_lowbit_kv_hook"] = hook
+        m.__dict__["_lowbit_kv_inner"] = before[id(m.config)]
+    for c in configs.values():
+        c._attn_implementation = _register(c._attn_implementation)
+    try:
+        yield
+    finally:
+        for k, c in configs.items():
+            c._attn_implementation = before[k]
+        for m in hooks:
+            m.__dict__.pop("_lowbit_kv_hook", None)
+            m.__dict__.pop("_lowbit_kv_inner", None)
+
+
+def install_kv_hooks(hooks: dict[nn.Module, KVHook]) -> None:
+    """Like kv_hooks, for the lifetime of a loaded model (the runtime's simulated FP8 cache)."""
+    kv_hooks(hooks).__enter__()
