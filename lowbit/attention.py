@@ -49,9 +49,9 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(getattr(m, "k_proj", None) or getattr(m, "qkv_proj", None), nn.Linear)}
 
 
-@contextlib.contextmanager
-def kv_hooks(hooks: dict[nn.Module, KVHook]) -> Iterator[None]:
-    """Route attention through `hooks[module](module, key, value)` inside the block."""
+def install_kv_hooks(hooks: dict[nn.Module, KVHook]) -> Callable[[], None]:
+    """Route attention of each module through `hooks[module](module, key, value)`; returns
+    the function that undoes it (a loaded model keeps them for its lifetime)."""
     configs = {id(m.config): m.config for m in hooks if hasattr(m, "config")}
     before = {k: c._attn_implementation for k, c in configs.items()}
     for m, hook in hooks.items():
@@ -59,16 +59,22 @@ def kv_hooks(hooks: dict[nn.Module, KVHook]) -> Iterator[None]:
         m.__dict__["_lowbit_kv_inner"] = before[id(m.config)]
     for c in configs.values():
         c._attn_implementation = _register(c._attn_implementation)
-    try:
-        yield
-    finally:
+
+    def undo() -> None:
         for k, c in configs.items():
             c._attn_implementation = before[k]
         for m in hooks:
             m.__dict__.pop("_lowbit_kv_hook", None)
             m.__dict__.pop("_lowbit_kv_inner", None)
 
+    return undo
 
-def install_kv_hooks(hooks: dict[nn.Module, KVHook]) -> None:
-    """Like kv_hooks, for the lifetime of a loaded model (the runtime's simulated FP8 cache)."""
-    kv_hooks(hooks).__enter__()
+
+@contextlib.contextmanager
+def kv_hooks(hooks: dict[nn.Module, KVHook]) -> Iterator[None]:
+    """install_kv_hooks for the duration of a block."""
+    undo = install_kv_hooks(hooks)
+    try:
+        yield
+    finally:
+        undo()
