@@ -42,6 +42,8 @@ def samples(n=4, length=32, seed=0):
 
 def write_quantized(src: Path, out: Path, scheme: str, shard_bytes: int = 512 * 2**20) -> Path:
     s = PRESETS[scheme]
+    if s.weights.granularity == "group":
+        s = s.with_options(group_size=32)  # tiny widths are 64 and 128
     ckpt = Checkpoint(src)
     try:
         with CheckpointWriter(out, src, s, shard_bytes=shard_bytes) as writer:
@@ -139,14 +141,33 @@ def test_tensor_dtypes_and_shapes(scheme, written, tiny_dir):
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_library_decompressor_reproduces_our_weights_bit_for_bit(scheme, written):
+    _decompressed_equals_ours(written(scheme))
+
+
+@pytest.mark.parametrize("scheme", ["W4A16", "W4A16_ASYM", "W8A16", "W8A8_INT8"])
+def test_int_schemes_decompress_to_our_weights_bit_for_bit(scheme, written):
     out = written(scheme)
+    fmt = qconfig(out)["format"]
+    assert fmt == ("int-quantized" if scheme == "W8A8_INT8" else "pack-quantized")
+    t = tensors(out)
+    name = "model.layers.0.self_attn.q_proj"
+    if fmt == "pack-quantized":
+        bits = 4 if scheme.startswith("W4") else 8
+        assert t[name + ".weight_packed"].dtype == torch.int32
+        assert t[name + ".weight_packed"].shape == (64, 64 * bits // 32)
+        assert t[name + ".weight_shape"].tolist() == [64, 64]
+        assert (name + ".weight_zero_point" in t) == (scheme == "W4A16_ASYM")
+    _decompressed_equals_ours(out)
+
+
+def _decompressed_equals_ours(out):
     parsed = QuantizationConfig.model_validate(qconfig(out))
     compressor = BaseCompressor.get_value_from_registry(parsed.format)
     (group,) = parsed.config_groups.values()
     t = tensors(out)
     ours = load_model(out, torch.bfloat16).state_dict()
     for name in LINEARS:
-        state = {"weight": t[name + ".weight"], "weight_scale": t[name + ".weight_scale"]}
+        state = {k[len(name) + 1:]: v for k, v in t.items() if k.startswith(name + ".weight")}
         theirs = compressor.decompress(state, group)["weight"]
         assert theirs.dtype == ours[name + ".weight"].dtype == torch.bfloat16
         assert torch.equal(theirs, ours[name + ".weight"]), name
