@@ -37,7 +37,7 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
              ignore: tuple[str, ...] | list[str] = (), seed: int = 0,
              group_size: int | None = None, algorithm: str | None = None,
              kv_cache: str | None = None, kv_scale: str | None = None,
-             overwrite: bool = False) -> dict:
+             smoothquant: str | None = None, overwrite: bool = False) -> dict:
     """Quantize the checkpoint directory `model` with `scheme` and write a compressed-tensors
     checkpoint to `out`.
 
@@ -49,7 +49,8 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
     start = time.perf_counter()
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     scheme = scheme.with_ignore(tuple(ignore)).with_options(
-        group_size=group_size, algorithm=algorithm, kv_cache=kv_cache, kv_scale=kv_scale)
+        group_size=group_size, algorithm=algorithm, kv_cache=kv_cache, kv_scale=kv_scale,
+        smoothing=smoothquant)
     check_output(out, overwrite)
     ckpt = Checkpoint(model)
     try:
@@ -68,6 +69,7 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
                 "algorithm": scheme.algorithm,
                 "group_size": scheme.weights.group_size,
                 "kv_cache": "fp8" if scheme.kv_cache else None,
+                "smoothquant": scheme.smoothing,
                 "notices": [notice] if notice else [],
                 "model": str(ckpt.path.resolve()),
                 "dataset": records.source,

@@ -31,6 +31,7 @@ def _size(n: int) -> str:
 def _print_quantize(s: dict, top: int = 10) -> None:
     group = f", group {s['group_size']}" if s["group_size"] else ""
     group += ", FP8 KV cache" if s["kv_cache"] else ""
+    group += f", SmoothQuant {s['smoothquant']}" if s["smoothquant"] is not None else ""
     print(f"quantized {s['model']} -> {s['out']} ({s['scheme']}, {s['algorithm']}{group}) "
           f"in {s['seconds']:.1f} s")
     for notice in s["notices"]:
@@ -62,7 +63,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     s = api.quantize(a.model, a.out, a.scheme, dataset=a.dataset, samples=a.samples,
                      seq_len=a.seq_len, ignore=a.ignore, seed=a.seed, group_size=a.group_size,
                      algorithm=a.algorithm, kv_cache=a.kv_cache, kv_scale=a.kv_scale,
-                     overwrite=a.overwrite)
+                     smoothquant=a.smoothquant, overwrite=a.overwrite)
     print(json.dumps(s, indent=2)) if a.json else _print_quantize(s)
 
 
@@ -118,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--algorithm", choices=["rtn", "gptq"],
                    help="rtn: round to nearest; gptq: error-compensating, uses calibration "
                    "Hessians (default: the scheme's: gptq for W4A16/W4A16_ASYM/W8A16, else rtn)")
+    q.add_argument("--smoothquant", metavar="ALPHA|auto|off",
+                   help="SmoothQuant: fold a per-channel scale from activations into weights and "
+                   "the preceding norm; auto searches the strength per layer for the smallest "
+                   "quantized output error (default: auto for W8A8_INT8, off otherwise)")
     q.add_argument("--kv-cache", choices=["fp8"],
                    help="also quantize the KV cache (any scheme): per-tensor FP8 K and V scales "
                    "from calibration, exported as kv_cache_scheme + k_scale/v_scale")

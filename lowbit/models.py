@@ -19,12 +19,26 @@ from .errors import LowbitError
 @dataclass(frozen=True)
 class Arch:
     layers: str  # attribute path of the nn.ModuleList of decoder layers
+    norm_offset: float = 0.0  # the norm multiplies by (offset + weight): Gemma's RMSNorm uses 1
 
 
 ARCHS: dict[str, Arch] = {
-    family: Arch("model.layers")
-    for family in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3")
+    **{family: Arch("model.layers") for family in ("llama", "mistral", "qwen2", "qwen3", "phi3")},
+    **{family: Arch("model.layers", norm_offset=1.0) for family in ("gemma", "gemma2", "gemma3_text")},
 }
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What one recorded forward of a decoder layer shows.
+
+    sets: Linears grouped by the input tensor they read, in call order.
+    norms: for a set whose input is exactly a norm's output, that norm's name; smoothing can
+    fold a per-channel scale into it.
+    """
+
+    sets: list[tuple[str, ...]]
+    norms: dict[tuple[str, ...], str]
 
 
 def _get(obj: nn.Module, path: str) -> nn.Module:
@@ -81,30 +95,41 @@ def linears(layer: nn.Module) -> dict[str, nn.Linear]:
     return found
 
 
+def _is_norm(module: nn.Module) -> bool:
+    return type(module).__name__.endswith("Norm") and isinstance(getattr(module, "weight", None), torch.Tensor)
+
+
 @torch.no_grad()
-def fused_sets(layer: nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, ...]]:
-    """Linears grouped by the input tensor they read, in the order they run.
+def layer_layout(layer: nn.Module, args: tuple, kwargs: dict) -> Layout:
+    """Discover fused sets and their producing norms from one forward of `layer`.
 
     q/k/v read the same normed hidden state and gate/up the same MLP input, which is exactly
     what vLLM fuses into one matmul, so these sets must share one scheme and one scale.
     """
     seen: list[tuple[torch.Tensor, list[str]]] = []
+    produced: list[tuple[torch.Tensor, str]] = []
 
-    def hook(name):
-        def record(_module, inputs):
+    def record_input(name):
+        def hook(_module, inputs):
             for x, names in seen:
                 if x is inputs[0]:
                     names.append(name)
                     return
             seen.append((inputs[0], [name]))
 
-        return record
+        return hook
+
+    def record_output(name):
+        return lambda _module, _inputs, output: produced.append((output, name))
 
     with contextlib.ExitStack() as stack:
         for name, linear in linears(layer).items():
-            stack.callback(linear.register_forward_pre_hook(hook(name)).remove)
+            stack.callback(linear.register_forward_pre_hook(record_input(name)).remove)
+        for name, module in layer.named_modules():
+            if _is_norm(module):
+                stack.callback(module.register_forward_hook(record_output(name)).remove)
         layer(*args, **kwargs)
-    order = list(linears(layer))
     sets = [tuple(names) for _, names in seen]
-    missing = [n for n in order if not any(n in s for s in sets)]
-    return sets + [(n,) for n in missing]  # Linears the forward never called still get quantized
+    norms = {tuple(names): n for x, names in seen for y, n in produced if y is x}
+    missing = [n for n in linears(layer) if not any(n in s for s in sets)]
+    return Layout(sets + [(n,) for n in missing], norms)  # uncalled Linears are still quantized

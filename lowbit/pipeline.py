@@ -19,11 +19,12 @@ from .algorithms.gptq import gptq
 from .algorithms.kv_cache import kv_cache_scale
 from .attention import attention_modules, kv_hooks
 from .algorithms.rtn import rtn
+from .algorithms.smoothquant import fold_into_norm, search_alpha, smoothing_scales
 from .checkpoint import Checkpoint
 from .errors import LowbitError
 from .export import check_fused, check_shape
 from .formats.grid import Quantized, activation_qdq, grid_for
-from .models import arch_for, decoder_layers, fused_sets, linears
+from .models import arch_for, decoder_layers, layer_layout, linears
 from .progress import progress
 from .schemes import Scheme
 from .stats import AbsMax, Hessian
@@ -109,26 +110,34 @@ def _hooks(handles: list):
             h.remove()
 
 
+SMOOTH_SAMPLE_TOKENS = 1024  # activations kept per fused set for the AutoSmoothQuant search
+
+
 @dataclass
 class _SetStats:
     """What one fused set's shared input told us (members read the very same tensor)."""
 
-    amax: AbsMax
+    amax: AbsMax  # per input channel
     hessian: Hessian | None
+    sample: list[torch.Tensor]  # a few calibration activations (AutoSmoothQuant)
 
 
 @torch.no_grad()
 def _collect(layer, targets, sets, hidden, kwargs, scheme: Scheme) -> dict[tuple, _SetStats]:
     """One forward of the layer over all samples with hooks on each fused set's input."""
     gptq_needed = scheme.algorithm == "gptq"
-    stats = {s: _SetStats(AbsMax(), Hessian(targets[s[0]].in_features) if gptq_needed else None)
+    stats = {s: _SetStats(AbsMax(per_channel=True),
+                          Hessian(targets[s[0]].in_features) if gptq_needed else None, [])
              for s in sets}
 
     def observe(st: _SetStats):
         def hook(_module, args):
-            st.amax.update(args[0])
+            x = args[0]
+            st.amax.update(x)
             if st.hessian is not None:
-                st.hessian.update(args[0])
+                st.hessian.update(x)
+            if scheme.smoothing == "auto" and sum(t.shape[0] for t in st.sample) < SMOOTH_SAMPLE_TOKENS:
+                st.sample.append(x.reshape(-1, x.shape[-1]).float())
         return hook
 
     handles = [targets[s[0]].register_forward_pre_hook(observe(st)) for s, st in stats.items()]
@@ -136,6 +145,30 @@ def _collect(layer, targets, sets, hidden, kwargs, scheme: Scheme) -> dict[tuple
         for h, kw in zip(hidden, kwargs):
             _run(layer, h, kw)
     return stats
+
+
+def _smooth(layer, norm_name: str, weights: dict[str, torch.Tensor], st: _SetStats, scheme: Scheme,
+            offset: float, dtype: torch.dtype) -> torch.Tensor:
+    """Apply SmoothQuant to one fused set: scale its weights, fold 1/s into its norm, adapt
+    the statistics to the smoothed inputs. Returns the scale applied."""
+    ws = list(weights.values())
+    alpha = scheme.smoothing
+    if alpha == "auto":
+        wgrid = grid_for(scheme.weights, dtype)
+        x = torch.cat(st.sample)[:SMOOTH_SAMPLE_TOKENS]
+        alpha = search_alpha(st.amax.value, x, ws, lambda w: rtn(w, wgrid.bind(w)).dequantize().float(),
+                             activation_qdq(scheme.inputs) if scheme.inputs else (lambda t: t))
+    norm = layer.get_submodule(norm_name)
+    stored, s = fold_into_norm(norm.weight.data, smoothing_scales(st.amax.value, ws, alpha), offset)
+    norm.weight.data = stored
+    if getattr(norm, "bias", None) is not None:
+        norm.bias.data = (norm.bias.float() / s).to(norm.bias.dtype)
+    for n in weights:
+        weights[n] = weights[n] * s
+    st.amax.value = st.amax.value / s
+    if st.hessian is not None:  # H of X / s
+        st.hessian.sum /= s.double()[:, None] * s.double()[None, :]
+    return s
 
 
 def _solve(weight: torch.Tensor, stats: _SetStats | None, grid, scheme: Scheme) -> Quantized:
@@ -188,7 +221,7 @@ def _propagate(layer, targets, originals, act_quant, hidden, kwargs, report_samp
 
 def _input_scale(scheme: Scheme, amax: AbsMax, dtype: torch.dtype) -> torch.Tensor:
     """The static per-tensor input scale to store."""
-    return grid_for(scheme.inputs, dtype).bind_amax(amax.value).tensor_scale.reshape(1)
+    return grid_for(scheme.inputs, dtype).bind_amax(amax.value.max()).tensor_scale.reshape(1)
 
 
 VLLM_GROUP_SIZES = (128, 64, 32)  # what vLLM's Marlin/Machete WNA16 kernels take
@@ -244,7 +277,8 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
         layer, prefix = layers[i], f"{arch.layers}.{i}."
         ckpt.materialize(layer, prefix, dtype)
         if sets is None:
-            sets = fused_sets(layer, (hidden[0],), kwargs[0][0])
+            layout = layer_layout(layer, (hidden[0],), kwargs[0][0])
+            sets = layout.sets
         targets = {n: m for n, m in linears(layer).items() if not is_ignored(prefix + n, scheme.ignore)}
         for s in sets:
             if 0 < sum(n in targets for n in s) < len(s):
@@ -254,21 +288,29 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
             if n not in targets:
                 writer.skip_linear(prefix + n)
         mine = [s for s in sets if s[0] in targets]
-        needs_stats = static_inputs or scheme.algorithm == "gptq"
+        needs_stats = static_inputs or scheme.algorithm == "gptq" or scheme.smoothing is not None
         stats = _collect(layer, targets, mine, hidden, kwargs[i], scheme) if needs_stats else {}
         quantized: dict[str, Quantized] = {}
-        act_quant, input_scales = {}, {}
+        act_quant, input_scales, originals, replaced = {}, {}, {}, {}
         for s in mine:
+            weights = {n: targets[n].weight.float() for n in s}
+            if scheme.smoothing is not None and s in layout.norms:
+                _smooth(layer, layout.norms[s], weights, stats[s], scheme, arch.norm_offset, dtype)
+                norm = layout.norms[s]
+                replaced[f"{prefix}{norm}.weight"] = layer.get_submodule(norm).weight.data
+                if getattr(layer.get_submodule(norm), "bias", None) is not None:
+                    replaced[f"{prefix}{norm}.bias"] = layer.get_submodule(norm).bias.data
             # binding on the concatenation is how q/k/v (and gate/up) share one per-tensor scale
-            grid = grid_for(scheme.weights, dtype).bind(torch.cat([targets[n].weight for n in s]))
+            grid = grid_for(scheme.weights, dtype).bind(torch.cat(list(weights.values())))
             for n in s:
-                check_shape(prefix + n, *targets[n].weight.shape, scheme.weights)
-                quantized[n] = _solve(targets[n].weight, stats.get(s), grid, scheme)
+                check_shape(prefix + n, *weights[n].shape, scheme.weights)
+                quantized[n] = _solve(weights[n], stats.get(s), grid, scheme)
+                originals[n] = weights[n].to(dtype)  # reference for the error report
             if scheme.inputs is not None:
                 scale = _input_scale(scheme, stats[s].amax, dtype) if static_inputs else None
                 for n in s:
                     act_quant[n], input_scales[n] = activation_qdq(scheme.inputs, scale), scale
-        originals = {n: targets[n].weight for n in targets}
+        originals.update({n: m.weight for n, m in targets.items() if n not in originals})
         for n, q in quantized.items():
             targets[n].weight = nn.Parameter(q.dequantize().to(dtype), requires_grad=False)
         check_fused(prefix, sets, quantized, input_scales)
@@ -281,7 +323,7 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
             if module in quantized and name.endswith(".weight"):
                 writer.add_linear(prefix + module, quantized[module], input_scales.get(module))
             else:
-                writer.add(name, ckpt.tensor(name))
+                writer.add(name, replaced[name] if name in replaced else ckpt.tensor(name))
         for name, m in attn.items():
             scale = kv_cache_scale(*kv_stats[m], scheme.kv_cache, scheme.kv_scale)
             writer.add(f"{prefix}{name}.k_scale", scale)

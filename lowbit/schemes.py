@@ -47,6 +47,7 @@ class Scheme:
     algorithm: str = "rtn"  # "rtn" | "gptq"
     act_order: bool = True  # GPTQ: visit columns by decreasing Hessian diagonal
     damp: float = 0.01  # GPTQ: dampening, a fraction of the Hessian's mean diagonal
+    smoothing: float | str | None = None  # SmoothQuant strength alpha, "auto" (per layer), None
     ignore: tuple[str, ...] = ("lm_head",)
     description: str = ""
 
@@ -55,13 +56,16 @@ class Scheme:
         return dataclasses.replace(self, ignore=self.ignore + extra)
 
     def with_options(self, *, group_size: int | None = None, algorithm: str | None = None,
-                     kv_cache: str | None = None, kv_scale: str | None = None) -> "Scheme":
+                     kv_cache: str | None = None, kv_scale: str | None = None,
+                     smoothing: str | None = None) -> "Scheme":
         """This scheme with another weight group size, algorithm or KV cache, validated."""
         scheme = self
         if kv_cache is not None:
             if kv_cache not in KV_CACHES:
                 raise LowbitError(f"unknown KV cache format {kv_cache!r}; valid: {', '.join(KV_CACHES)}")
             scheme = dataclasses.replace(scheme, kv_cache=KV_CACHES[kv_cache])
+        if smoothing is not None:
+            scheme = dataclasses.replace(scheme, smoothing=_parse_smoothing(smoothing))
         if kv_scale is not None:
             if kv_scale not in ("calibrated", "unit"):
                 raise LowbitError(f"unknown KV scale {kv_scale!r}; valid: calibrated, unit")
@@ -83,6 +87,19 @@ class Scheme:
 
 
 ALGORITHMS = ("rtn", "gptq")
+
+
+def _parse_smoothing(text: str) -> float | str | None:
+    """'off' -> None, 'auto' -> 'auto', a number in [0, 1] -> alpha."""
+    if text in ("off", "auto"):
+        return None if text == "off" else text
+    try:
+        alpha = float(text)
+    except ValueError:
+        alpha = -1.0
+    if not 0 <= alpha <= 1:
+        raise LowbitError(f"--smoothquant takes auto, off or a strength in [0, 1], not {text!r}")
+    return alpha
 
 
 FP8_TENSOR = QuantSpec("fp8", 8, "tensor")
@@ -132,7 +149,8 @@ PRESETS: dict[str, Scheme] = {
         "W8A8_INT8",
         weights=QuantSpec("int", 8, "channel"),
         inputs=QuantSpec("int", 8, "token", dynamic=True),
-        description="INT8 per-channel weights, INT8 per-token inputs at run time",
+        smoothing="auto",
+        description="INT8 per-channel weights, INT8 per-token inputs at run time, AutoSmoothQuant",
     ),
 }
 

@@ -9,14 +9,17 @@ import torch
 
 
 class AbsMax:
-    """Largest |x| seen (the MLPerf "dynamic range" of a tensor)."""
+    """Largest |x| seen (the MLPerf "dynamic range" of a tensor), or per last-dim channel."""
 
-    def __init__(self) -> None:
+    def __init__(self, per_channel: bool = False) -> None:
         self.value = torch.zeros((), dtype=torch.float32)
+        self.per_channel = per_channel
         self.count = 0
 
     def update(self, x: torch.Tensor) -> None:
-        self.value = torch.maximum(self.value, x.detach().abs().amax().float())
+        x = x.detach().abs()
+        seen = x.reshape(-1, x.shape[-1]).amax(0) if self.per_channel else x.amax()
+        self.value = torch.maximum(self.value, seen.float())
         self.count += x.numel()
 
     def merge(self, other: "AbsMax") -> None:

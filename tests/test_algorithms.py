@@ -80,3 +80,39 @@ def test_hessian_is_a_sum_and_count_that_merges_exactly():
     a.merge(b)
     assert a.count == whole.count == 300
     assert torch.allclose(a.mean(), (X.double().T @ X.double()) / 300, rtol=1e-5, atol=1e-6)
+
+
+def test_smoothing_folded_into_a_norm_preserves_the_function():
+    from lowbit.algorithms.smoothquant import fold_into_norm, smoothing_scales
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(64, 32, generator=g) * torch.logspace(-1, 2, 32)  # outlier channels
+    norm = (torch.rand(32, generator=g) + 0.5).bfloat16()
+    W = torch.randn(16, 32, generator=g)
+    for offset in (0.0, 1.0):  # Llama-style w, Gemma-style (1 + w)
+        s = smoothing_scales(x.abs().amax(0), [W], 0.5)
+        stored, applied = fold_into_norm(norm, s, offset)
+        assert stored.dtype == torch.bfloat16
+        before = (x * (offset + norm.float())) @ W.T
+        after = (x * (offset + stored.float())) @ (W * applied).T
+        assert torch.allclose(after, before, rtol=1e-4, atol=1e-4 * before.abs().max().item())
+
+
+def test_auto_smoothquant_beats_no_smoothing_on_outlier_activations():
+    from lowbit.algorithms.smoothquant import search_alpha, smoothing_scales
+    from lowbit.formats.grid import activation_qdq
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(512, 64, generator=g)
+    x[:, [3, 17, 40]] *= 60  # the few huge channels SmoothQuant is for
+    W = torch.randn(32, 64, generator=g) * 0.05
+    wgrid = grid_for(SPECS["int8-channel"])
+    qw = lambda w: rtn(w, wgrid).dequantize().float()  # noqa: E731
+    qx = activation_qdq(QuantSpec("int", 8, "token", dynamic=True))
+
+    def err(s):
+        return ((qx(x / s) @ qw(W * s).T - x @ W.T).norm() / (x @ W.T).norm()).item()
+
+    alpha = search_alpha(x.abs().amax(0), x, [W], qw, qx)
+    assert 0 < alpha <= 1
+    assert err(smoothing_scales(x.abs().amax(0), [W], alpha)) < 0.5 * err(torch.ones(64))
