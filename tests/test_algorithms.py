@@ -116,3 +116,18 @@ def test_auto_smoothquant_beats_no_smoothing_on_outlier_activations():
     alpha = search_alpha(x.abs().amax(0), x, [W], qw, qx)
     assert 0 < alpha <= 1
     assert err(smoothing_scales(x.abs().amax(0), [W], alpha)) < 0.5 * err(torch.ones(64))
+
+
+@pytest.mark.parametrize("name", ["int4-g32-asym", "int8-channel"])
+def test_gptq_on_a_stacked_fused_set_equals_gptq_per_member(name):
+    """Rows are independent given the shared Hessian: q/k/v can run as one matrix."""
+    X = correlated_inputs(n=64)
+    H = X.T @ X / len(X)
+    g = torch.Generator().manual_seed(5)
+    a, b = torch.randn(24, 64, generator=g), torch.randn(8, 64, generator=g) * 3
+    grid = grid_for(SPECS[name], torch.bfloat16)
+    both = gptq(torch.cat([a, b]), H, grid)
+    for q, (lo, hi) in zip((gptq(a, H, grid), gptq(b, H, grid)), ((0, 24), (24, 32))):
+        part = both.rows(lo, hi)
+        assert torch.equal(part.codes, q.codes) and torch.equal(part.scale, q.scale)
+        assert torch.equal(part.dequantize(), q.dequantize())

@@ -166,3 +166,9 @@ class Quantized:
 
     def dequantize(self) -> torch.Tensor:
         return self.grid.decode(self.codes, self.params())
+
+    def rows(self, start: int, end: int) -> "Quantized":
+        """Output rows [start, end): one member of a fused set quantized as one matrix."""
+        per_row = self.grid.spec.granularity != "tensor"
+        return Quantized(self.codes[start:end], self.scale[start:end] if per_row else self.scale,
+                         self.grid, self.zero[start:end] if self.zero is not None else None)
