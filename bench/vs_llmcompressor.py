@@ -26,7 +26,7 @@ GIB = 2**30
 LOWBIT = {
     "W4A16": ["--scheme", "W4A16", "--group-size", "{g}"],
     "W4A16_RTN": ["--scheme", "W4A16", "--group-size", "{g}", "--algorithm", "rtn"],
-    "W8A8_INT8": ["--scheme", "W8A8_INT8"],
+    "W8A8_INT8": ["--scheme", "W8A8_INT8", "--algorithm", "gptq"],  # AutoSmoothQuant + GPTQ
     "FP8": ["--scheme", "FP8"],
     "FP8_KV": ["--scheme", "FP8", "--kv-cache", "fp8"],
 }
