@@ -14,12 +14,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 
 from lowbit import api
 from lowbit.cli import main
 from lowbit.schemes import PRESETS
-from tiny import tiny_model
+from tiny import tensors, tiny_model
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex jumbo plums "
          "and every model learns to predict the next byte of text").split()
@@ -63,12 +62,6 @@ def quantize_args(src, out, data, *extra):
     return ["quantize", src, out, "--scheme", "FP8", "--dataset", data, *ARGS, *extra]
 
 
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    found = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            found.update({k: h.get_tensor(k) for k in h.keys()})
-    return found
 
 
 def hidden_siblings(path: Path) -> list[str]:

@@ -24,6 +24,7 @@ from lowbit.export import CheckpointWriter, check_fused
 from lowbit.formats.grid import grid_for
 from lowbit.pipeline import quantize_layers
 from lowbit.runtime.load import load_model
+from tiny import tensors
 from lowbit.schemes import FP8_CHANNEL, FP8_TENSOR, PRESETS
 
 SCHEMES = ["FP8", "FP8_DYNAMIC", "W8A16_FP8"]
@@ -67,12 +68,6 @@ def written(tiny_dir, tmp_path_factory):
     return get
 
 
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    found = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            found.update({k: h.get_tensor(k) for k in h.keys()})
-    return found
 
 
 def qconfig(path: Path) -> dict:

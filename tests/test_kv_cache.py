@@ -6,10 +6,10 @@ import pytest
 import torch
 import transformers.models.llama.modeling_llama as llama
 from compressed_tensors.quantization import QuantizationArgs
-from safetensors import safe_open
 
 import lowbit
 from lowbit.errors import LowbitError
+from tiny import tensors
 from lowbit.runtime.load import load_model
 
 
@@ -24,19 +24,13 @@ def quantize(src, out, dataset, **kw):
     return lowbit.quantize(src, out, "FP8", dataset=str(dataset), samples=6, seq_len=48, overwrite=True, **kw)
 
 
-def stored(out):
-    t = {}
-    for f in sorted(out.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            t.update({k: h.get_tensor(k) for k in h.keys()})
-    return t
 
 
 def test_k_and_v_share_the_max_of_their_calibrated_ranges(tiny_dir, tmp_path, dataset, monkeypatch):
     src = tiny_dir("llama")
     quantize(src, tmp_path / "plain", dataset)
     quantize(src, tmp_path / "kv", dataset, kv_cache="fp8")
-    t = stored(tmp_path / "kv")
+    t = tensors(tmp_path / "kv")
 
     # Independent reference: run the quantized model (weights and activations as served) and
     # record keys after RoPE (what the cache holds) and values, through transformers' own hooks.
@@ -71,7 +65,7 @@ def test_k_and_v_share_the_max_of_their_calibrated_ranges(tiny_dir, tmp_path, da
 
 def test_unit_scale_and_config(tiny_dir, tmp_path, dataset):
     quantize(tiny_dir("qwen3"), tmp_path / "kv", dataset, kv_cache="fp8", kv_scale="unit")
-    t = stored(tmp_path / "kv")
+    t = tensors(tmp_path / "kv")
     assert t["model.layers.0.self_attn.k_scale"].item() == 1.0
     block = json.loads((tmp_path / "kv" / "config.json").read_text())["quantization_config"]
     kv = QuantizationArgs.model_validate(block["kv_cache_scheme"])

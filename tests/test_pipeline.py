@@ -5,7 +5,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from lowbit.checkpoint import Checkpoint
@@ -14,7 +13,7 @@ from lowbit.export import CheckpointWriter
 from lowbit.pipeline import quantize_layers
 from lowbit.runtime.load import load_model
 from lowbit.schemes import PRESETS
-from tiny import FAMILIES, save_tiny
+from tiny import FAMILIES, tensors
 
 
 def bf16_ceil(x: torch.Tensor) -> torch.Tensor:
@@ -41,12 +40,6 @@ def run(src: Path, out: Path, scheme="FP8", ignore=()):
     return report
 
 
-def tensors(path: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(path.glob("*.safetensors")):
-        with safe_open(f, "pt") as h:
-            out.update({k: h.get_tensor(k) for k in h.keys()})
-    return out
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -90,6 +90,17 @@ def tiny_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
+def tensors(path: str | Path) -> dict[str, torch.Tensor]:
+    """Every tensor stored in a checkpoint directory's safetensors files, by name."""
+    from safetensors import safe_open
+
+    found = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(f, "pt") as h:
+            found.update({k: h.get_tensor(k) for k in h.keys()})
+    return found
+
+
 def save_tiny(family: str, path: str | Path, seed: int = 0,
               dtype: torch.dtype = torch.bfloat16) -> Path:
     """Write a complete tiny checkpoint (config, generation config, tokenizer, >= 2 safetensors

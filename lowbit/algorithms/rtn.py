@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..formats.grid import QParams, Quantized, ScaleGrid
+from ..formats.grid import Quantized, ScaleGrid
 
 
 def rtn(weight: torch.Tensor, grid: ScaleGrid) -> Quantized:
