@@ -19,7 +19,6 @@ from .algorithms.gptq import gptq
 from .algorithms.kv_cache import kv_cache_scale
 from .attention import attention_modules, kv_hooks
 from .algorithms.rtn import rtn
-from .algorithms.smoothquant import fold_into_norm, search_alpha, smoothing_scales
 from .checkpoint import Checkpoint
 from .errors import LowbitError
 from .export import check_fused, check_shape
@@ -27,6 +26,7 @@ from .formats.grid import Quantized, activation_qdq, grid_for
 from .models import arch_for, decoder_layers, layer_layout, linears
 from .progress import progress
 from .schemes import Scheme
+from .smoothing import SAMPLE_TOKENS, smooth_set
 from .stats import AbsMax, Hessian
 
 
@@ -110,9 +110,6 @@ def _hooks(handles: list):
             h.remove()
 
 
-SMOOTH_SAMPLE_TOKENS = 1024  # activations kept per fused set for the AutoSmoothQuant search
-
-
 @dataclass
 class _SetStats:
     """What one fused set's shared input told us (members read the very same tensor)."""
@@ -136,7 +133,7 @@ def _collect(layer, targets, sets, hidden, kwargs, scheme: Scheme) -> dict[tuple
             st.amax.update(x)
             if st.hessian is not None:
                 st.hessian.update(x)
-            if scheme.smoothing == "auto" and sum(t.shape[0] for t in st.sample) < SMOOTH_SAMPLE_TOKENS:
+            if scheme.smoothing == "auto" and sum(t.shape[0] for t in st.sample) < SAMPLE_TOKENS:
                 st.sample.append(x.reshape(-1, x.shape[-1]).float())
         return hook
 
@@ -145,30 +142,6 @@ def _collect(layer, targets, sets, hidden, kwargs, scheme: Scheme) -> dict[tuple
         for h, kw in zip(hidden, kwargs):
             _run(layer, h, kw)
     return stats
-
-
-def _smooth(layer, norm_name: str, weights: dict[str, torch.Tensor], st: _SetStats, scheme: Scheme,
-            offset: float, dtype: torch.dtype) -> torch.Tensor:
-    """Apply SmoothQuant to one fused set: scale its weights, fold 1/s into its norm, adapt
-    the statistics to the smoothed inputs. Returns the scale applied."""
-    ws = list(weights.values())
-    alpha = scheme.smoothing
-    if alpha == "auto":
-        wgrid = grid_for(scheme.weights, dtype)
-        x = torch.cat(st.sample)[:SMOOTH_SAMPLE_TOKENS]
-        alpha = search_alpha(st.amax.value, x, ws, lambda w: rtn(w, wgrid.bind(w)).dequantize().float(),
-                             activation_qdq(scheme.inputs) if scheme.inputs else (lambda t: t))
-    norm = layer.get_submodule(norm_name)
-    stored, s = fold_into_norm(norm.weight.data, smoothing_scales(st.amax.value, ws, alpha), offset)
-    norm.weight.data = stored
-    if getattr(norm, "bias", None) is not None:
-        norm.bias.data = (norm.bias.float() / s).to(norm.bias.dtype)
-    for n in weights:
-        weights[n] = weights[n] * s
-    st.amax.value = st.amax.value / s
-    if st.hessian is not None:  # H of X / s
-        st.hessian.sum /= s.double()[:, None] * s.double()[None, :]
-    return s
 
 
 def _solve(weights: dict[str, torch.Tensor], stats: _SetStats | None, grid, scheme: Scheme
@@ -303,12 +276,9 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
         act_quant, input_scales, originals, replaced = {}, {}, {}, {}
         for s in mine:
             weights = {n: targets[n].weight.float() for n in s}
-            if scheme.smoothing is not None and s in layout.norms:
-                _smooth(layer, layout.norms[s], weights, stats[s], scheme, arch.norm_offset, dtype)
-                norm = layout.norms[s]
-                replaced[f"{prefix}{norm}.weight"] = layer.get_submodule(norm).weight.data
-                if getattr(layer.get_submodule(norm), "bias", None) is not None:
-                    replaced[f"{prefix}{norm}.bias"] = layer.get_submodule(norm).bias.data
+            if scheme.smoothing is not None:
+                replaced.update(smooth_set(layer, prefix, s, weights, stats, layout.norms, scheme,
+                                           arch.norm_offset, model.config, dtype))
             # binding on the concatenation is how q/k/v (and gate/up) share one per-tensor scale
             grid = grid_for(scheme.weights, dtype).bind(torch.cat(list(weights.values())))
             for n in s:

@@ -90,7 +90,7 @@ def test_smoothing_folded_into_a_norm_preserves_the_function():
     norm = (torch.rand(32, generator=g) + 0.5).bfloat16()
     W = torch.randn(16, 32, generator=g)
     for offset in (0.0, 1.0):  # Llama-style w, Gemma-style (1 + w)
-        s = smoothing_scales(x.abs().amax(0), [W], 0.5)
+        s = smoothing_scales(x.abs().amax(0), W.abs().amax(0), 0.5)
         stored, applied = fold_into_norm(norm, s, offset)
         assert stored.dtype == torch.bfloat16
         before = (x * (offset + norm.float())) @ W.T
@@ -113,9 +113,10 @@ def test_auto_smoothquant_beats_no_smoothing_on_outlier_activations():
     def err(s):
         return ((qx(x / s) @ qw(W * s).T - x @ W.T).norm() / (x @ W.T).norm()).item()
 
-    alpha = search_alpha(x.abs().amax(0), x, [W], qw, qx)
+    scales = lambda a: smoothing_scales(x.abs().amax(0), W.abs().amax(0), a)  # noqa: E731
+    alpha = search_alpha(x, [W], scales, qw, qx)
     assert 0 < alpha <= 1
-    assert err(smoothing_scales(x.abs().amax(0), [W], alpha)) < 0.5 * err(torch.ones(64))
+    assert err(scales(alpha)) < 0.5 * err(torch.ones(64))
 
 
 @pytest.mark.parametrize("name", ["int4-g32-asym", "int8-channel"])

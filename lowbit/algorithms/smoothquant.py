@@ -19,23 +19,27 @@ ALPHAS = tuple(i / 20 for i in range(21))  # 0, 0.05, ..., 1
 Quantizer = Callable[[torch.Tensor], torch.Tensor]  # tensor -> quantize-dequantize(tensor)
 
 
-def smoothing_scales(x_amax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
-    """s [in] for activations with per-channel range x_amax [in] feeding `weights` [out_i, in]."""
-    w_amax = torch.stack([w.abs().amax(0) for w in weights]).amax(0).float()
-    s = x_amax.float().clamp(min=1e-5) ** alpha / w_amax.clamp(min=1e-5) ** (1 - alpha)
+def weight_range(weights: list[torch.Tensor]) -> torch.Tensor:
+    """max |W_ij| over the rows of every weight reading the same input: [in]."""
+    return torch.stack([w.abs().amax(0) for w in weights]).amax(0).float()
+
+
+def smoothing_scales(x_amax: torch.Tensor, w_amax: torch.Tensor, alpha: float) -> torch.Tensor:
+    """s_j = max|X_j|^alpha / max|W_j|^(1 - alpha), per input channel."""
+    s = x_amax.float().clamp(min=1e-5) ** alpha / w_amax.float().clamp(min=1e-5) ** (1 - alpha)
     return s.clamp(1e-4, 1e4)
 
 
-def search_alpha(x_amax: torch.Tensor, x: torch.Tensor, weights: list[torch.Tensor],
+def search_alpha(x: torch.Tensor, weights: list[torch.Tensor], scales: Callable[[float], torch.Tensor],
                  quantize_w: Quantizer, quantize_x: Quantizer, alphas=ALPHAS) -> float:
-    """The alpha whose smoothing minimises sum_i ||Q(x / s) Q(W_i s)^T - x W_i^T||^2.
+    """The alpha whose smoothing scales(alpha) minimise sum_i ||Q(x / s) Q(W_i s)^T - x W_i^T||^2.
 
     x [tokens, in] is a sample of the calibration activations (float32).
     """
     refs = [x @ w.T for w in weights]
     best_err, best = float("inf"), alphas[0]
     for alpha in alphas:
-        s = smoothing_scales(x_amax, weights, alpha)
+        s = scales(alpha)
         xq = quantize_x(x / s)
         err = sum((xq @ quantize_w(w * s).T - r).pow(2).sum().item() for w, r in zip(weights, refs))
         if err < best_err:
