@@ -61,6 +61,8 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
         tokenizer = ckpt.tokenizer()
         records = data.read_records(dataset)
         batches = data.calibration_samples(tokenizer, records, samples=samples, seq_len=seq_len, seed=seed)
+        source, dropped = records.source, records.dropped
+        del records  # the parsed dataset (hundreds of MB for ShareGPT) is not needed past here
         with CheckpointWriter(out, ckpt.path, scheme, overwrite=overwrite) as writer:
             layers = quantize_layers(ckpt, scheme, batches, writer)
             worst = sorted(layers, key=lambda r: -r["rel_error"])
@@ -72,8 +74,8 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
                 "smoothquant": scheme.smoothing,
                 "notices": [notice] if notice else [],
                 "model": str(ckpt.path.resolve()),
-                "dataset": records.source,
-                "records_dropped": records.dropped,
+                "dataset": source,
+                "records_dropped": dropped,
                 "samples": len(batches),
                 "calibration_tokens": int(sum(b.numel() for b in batches)),
                 "layers": worst,

@@ -84,6 +84,26 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[torch.
     return hidden, kwargs
 
 
+def batch_equal_lengths(hidden: list[torch.Tensor], kwargs: list[list[dict]], size: int = 8):
+    """Stack samples of equal length into batches of up to `size` (in first-seen order).
+
+    Batched matmuls run markedly faster on CPU; samples of one length share their position
+    embeddings and need no padding mask, so a batch takes its first member's arguments.
+    Calibration samples are truncated to --seq-len, so most of them share that length.
+    """
+    groups: dict[int, list[int]] = {}
+    for idx, h in enumerate(hidden):
+        groups.setdefault(h.shape[1], []).append(idx)
+    out_h, out_kw = [], [[] for _ in kwargs]
+    for idxs in groups.values():
+        for c in range(0, len(idxs), size):
+            chunk = idxs[c:c + size]
+            out_h.append(torch.cat([hidden[i] for i in chunk]))
+            for j, per_layer in enumerate(kwargs):
+                out_kw[j].append(per_layer[chunk[0]])
+    return out_h, out_kw
+
+
 def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
     """Globs match the full module name or a dotted suffix of it ("down_proj", "mlp.*",
     "model.layers.0.*"); `re:` patterns use re.fullmatch on the full name."""
@@ -166,8 +186,8 @@ class _ErrorSums:
 
 
 @torch.no_grad()
-def _propagate(layer, targets, originals, act_quant, hidden, kwargs, report_samples, kv_stats):
-    """Run the quantized layer; measure each Linear's relative output error on the first samples
+def _propagate(layer, targets, originals, act_quant, hidden, kwargs, report_batches, kv_stats):
+    """Run the quantized layer; measure each Linear's relative output error on the first batches
     and, when `kv_stats` maps attention modules to (AbsMax, AbsMax), the cached K and V ranges."""
     sums = {n: _ErrorSums() for n in targets}
     measuring = [True]
@@ -196,7 +216,7 @@ def _propagate(layer, targets, originals, act_quant, hidden, kwargs, report_samp
 
     with _hooks(handles), kv_hooks({m: observe_kv for m in kv_stats}):
         for s, (h, kw) in enumerate(zip(hidden, kwargs)):
-            measuring[0] = s < report_samples
+            measuring[0] = s < report_batches
             hidden[s] = _run(layer, h, kw)  # in place: one copy of the activations
     return {n: (e.err / e.ref) ** 0.5 if e.ref > 0 else 0.0 for n, e in sums.items()}
 
@@ -236,7 +256,7 @@ def resolve_group_size(ckpt: Checkpoint, scheme: Scheme) -> tuple[Scheme, str | 
 
 @torch.no_grad()
 def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor], writer,
-                    report_samples: int = 16) -> list[dict]:
+                    report_batches: int = 2) -> list[dict]:
     """Quantize every decoder layer of `ckpt` in turn, handing results to `writer`.
 
     Returns the per-Linear error report: [{"name", "rel_error"}], in model order.
@@ -252,7 +272,7 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
     outer = [n for n in ckpt.names() if not n.startswith(arch.layers + ".")]
     for name in sorted(outer):
         writer.add(name, ckpt.tensor(name))
-    hidden, kwargs = capture_inputs(model, layers, samples)
+    hidden, kwargs = batch_equal_lengths(*capture_inputs(model, layers, samples))
     static_inputs = scheme.inputs is not None and not scheme.inputs.dynamic
     report, sets = [], None
     for i in progress(range(len(layers)), "quantizing layers"):
@@ -295,7 +315,7 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
         check_fused(prefix, sets, quantized, input_scales)
         attn = attention_modules(layer) if scheme.kv_cache is not None else {}
         kv_stats = {m: (AbsMax(), AbsMax()) for m in attn.values()}
-        errors = _propagate(layer, targets, originals, act_quant, hidden, kwargs[i], report_samples,
+        errors = _propagate(layer, targets, originals, act_quant, hidden, kwargs[i], report_batches,
                             kv_stats)
         for name in sorted(n for n in ckpt.names() if n.startswith(prefix)):
             module = name[len(prefix):].rsplit(".", 1)[0]

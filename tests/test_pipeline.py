@@ -162,3 +162,21 @@ def test_damaged_safetensors_is_a_clear_error(damage, tiny_dir, tmp_path):
     shard.write_bytes(data[: len(data) - 100] if damage == "truncate" else b"\x00" * 64)
     with pytest.raises(LowbitError, match="not a valid safetensors file"):
         Checkpoint(src)
+
+
+def test_samples_of_equal_length_are_batched_without_changing_layer_outputs():
+    from lowbit.pipeline import batch_equal_lengths, capture_inputs
+    from tiny import tiny_model
+
+    model = tiny_model("gemma2")  # sliding-window masks too
+    g = torch.Generator().manual_seed(0)
+    lengths = [40, 40, 33, 40, 33, 40, 40]
+    ids = [torch.randint(7, 200, (n,), generator=g) for n in lengths]
+    hidden, kwargs = capture_inputs(model, model.model.layers, ids)
+    bh, bkw = batch_equal_lengths(hidden, kwargs, size=3)
+    assert [h.shape[:2] for h in bh] == [(3, 40), (2, 40), (2, 33)]
+    layer = model.model.layers[1]
+    batched = [row for h, kw in zip(bh, bkw[1]) for row in layer(h, **kw)]
+    order = [0, 1, 3, 5, 6, 2, 4]  # the samples in batch order
+    for row, i in zip(batched, order):
+        assert torch.allclose(row, layer(hidden[i], **kwargs[1][i])[0], atol=1e-5), i
