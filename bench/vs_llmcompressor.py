@@ -56,6 +56,8 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--workdir", type=Path, default=ROOT / ".cache" / "bench-vs")
+    ap.add_argument("--tools", nargs="+", default=["lowbit", "llm-compressor"],
+                    choices=["lowbit", "llm-compressor"], help="rerun one side only")
     args = ap.parse_args()
 
     from lowbit import data
@@ -66,16 +68,21 @@ def main() -> None:
                                       seq_len=args.seq_len, seed=0)
     tokens_file = args.workdir / "tokens.json"
     tokens_file.write_text(json.dumps([t.tolist() for t in tokens]))
-    llmc = ensure_llmc()
+    llmc = ensure_llmc() if "llm-compressor" in args.tools else None
     rows = []
     for scheme in args.schemes:
         ours, theirs = args.workdir / f"lowbit-{scheme}", args.workdir / f"llmc-{scheme}"
         flags = [f.format(g=args.group_size) for f in LOWBIT[scheme]]
-        lb = peak_rss_of([sys.executable, "-m", "lowbit", "quantize", str(args.model), str(ours), *flags,
-                          "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--overwrite"])
-        lc = peak_rss_of([str(llmc), str(Path(__file__).parent / "_llmc_run.py"), str(args.model),
-                          str(theirs), scheme, str(tokens_file), str(args.group_size)])
-        for tool, path, (rss, wall) in (("lowbit", ours, lb), ("llm-compressor", theirs, lc)):
+        runs = []
+        if "lowbit" in args.tools:
+            runs.append(("lowbit", ours, peak_rss_of(
+                [sys.executable, "-m", "lowbit", "quantize", str(args.model), str(ours), *flags,
+                 "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--overwrite"])))
+        if llmc is not None:
+            runs.append(("llm-compressor", theirs, peak_rss_of(
+                [str(llmc), str(Path(__file__).parent / "_llmc_run.py"), str(args.model),
+                 str(theirs), scheme, str(tokens_file), str(args.group_size)])))
+        for tool, path, (rss, wall) in runs:
             r = evaluate(path, args.model, args.windows)
             rows.append((scheme, tool, r["kl"], r["ppl"], r["top1"], wall, rss))
             print(rows[-1], flush=True)
