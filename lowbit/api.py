@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import logging
 import time
@@ -20,6 +22,16 @@ from .schemes import Scheme, get_scheme
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "lowbit_report.json"
+
+
+def _release_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so memory that held
+    the parsed dataset does not add to the peak of calibration."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
 
 
 def _dir_size(path: Path) -> int:
@@ -63,6 +75,7 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
         batches = data.calibration_samples(tokenizer, records, samples=samples, seq_len=seq_len, seed=seed)
         source, dropped = records.source, records.dropped
         del records  # the parsed dataset (hundreds of MB for ShareGPT) is not needed past here
+        _release_memory()
         with CheckpointWriter(out, ckpt.path, scheme, overwrite=overwrite) as writer:
             layers = quantize_layers(ckpt, scheme, batches, writer)
             worst = sorted(layers, key=lambda r: -r["rel_error"])
