@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint, load_tokenizer
 from .errors import LowbitError
 from .export import CheckpointWriter
 from .outdir import check_output
-from .pipeline import quantize_layers, resolve_group_size
+from .pipeline import REPORT_SAMPLES, needs_calibration, quantize_layers, resolve_group_size
 from .schemes import Scheme, get_scheme
 
 log = logging.getLogger(__name__)
@@ -67,8 +67,15 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
     ckpt = Checkpoint(model)
     try:
         scheme, notice = resolve_group_size(ckpt, scheme)
-        if notice:
-            log.warning(notice)
+        notices = [notice] if notice else []
+        if not needs_calibration(scheme) and samples > REPORT_SAMPLES:
+            # data-free (RTN weights, dynamic or no activations, no KV cache, no smoothing):
+            # samples only feed the error report, so a report's worth is enough
+            notices.append(f"{scheme.name} with {scheme.algorithm} needs no calibration data; "
+                           f"{REPORT_SAMPLES} samples run for the error report only")
+            samples = REPORT_SAMPLES
+        for n in notices:
+            log.warning(n)
         _check_seq_len(ckpt, seq_len)
         tokenizer = ckpt.tokenizer()
         records = data.read_records(dataset)
@@ -85,7 +92,7 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
                 "group_size": scheme.weights.group_size,
                 "kv_cache": "fp8" if scheme.kv_cache else None,
                 "smoothquant": scheme.smoothing,
-                "notices": [notice] if notice else [],
+                "notices": notices,
                 "model": str(ckpt.path.resolve()),
                 "dataset": source,
                 "records_dropped": dropped,

@@ -84,6 +84,16 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[torch.
     return hidden, kwargs
 
 
+REPORT_SAMPLES = 16  # calibration samples a data-free scheme still runs, for the error report
+
+
+def needs_calibration(scheme: Scheme) -> bool:
+    """Whether the scheme's result depends on calibration statistics at all."""
+    static_inputs = scheme.inputs is not None and not scheme.inputs.dynamic
+    return (scheme.algorithm == "gptq" or static_inputs or scheme.smoothing is not None
+            or scheme.kv_cache is not None)
+
+
 def batch_equal_lengths(hidden: list[torch.Tensor], kwargs: list[list[dict]], size: int = 8):
     """Stack samples of equal length into batches of up to `size` (in first-seen order).
 
