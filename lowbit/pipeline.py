@@ -89,8 +89,7 @@ REPORT_SAMPLES = 16  # calibration samples a data-free scheme still runs, for th
 
 def needs_calibration(scheme: Scheme) -> bool:
     """Whether the scheme's result depends on calibration statistics at all."""
-    static_inputs = scheme.inputs is not None and not scheme.inputs.dynamic
-    return (scheme.algorithm == "gptq" or static_inputs or scheme.smoothing is not None
+    return (scheme.algorithm == "gptq" or scheme.static_inputs or scheme.smoothing is not None
             or scheme.kv_cache is not None)
 
 
@@ -283,7 +282,7 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
     for name in sorted(outer):
         writer.add(name, ckpt.tensor(name))
     hidden, kwargs = batch_equal_lengths(*capture_inputs(model, layers, samples))
-    static_inputs = scheme.inputs is not None and not scheme.inputs.dynamic
+    static_inputs = scheme.static_inputs
     report, sets = [], None
     for i in progress(range(len(layers)), "quantizing layers"):
         layer, prefix = layers[i], f"{arch.layers}.{i}."

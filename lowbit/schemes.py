@@ -51,6 +51,11 @@ class Scheme:
     ignore: tuple[str, ...] = ("lm_head",)
     description: str = ""
 
+    @property
+    def static_inputs(self) -> bool:
+        """Inputs quantized with a calibrated per-tensor scale (not computed at run time)."""
+        return self.inputs is not None and not self.inputs.dynamic
+
     def with_ignore(self, patterns: tuple[str, ...] | list[str]) -> "Scheme":
         extra = tuple(p for p in patterns if p not in self.ignore)
         return dataclasses.replace(self, ignore=self.ignore + extra)
