@@ -16,7 +16,7 @@ from .checkpoint import Checkpoint, load_tokenizer
 from .errors import LowbitError
 from .export import CheckpointWriter
 from .outdir import check_output
-from .pipeline import REPORT_SAMPLES, needs_calibration, quantize_layers, resolve_group_size
+from .pipeline import needs_calibration, quantize_layers, resolve_group_size
 from .schemes import Scheme, get_scheme
 
 log = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
     Calibration uses `samples` records of at most `seq_len` tokens from `dataset` (its
     calibration split), chosen by `seed`. `group_size` and `algorithm` ("rtn" or "gptq")
     override the scheme's defaults. Returns a summary: scheme, timings, output size
-    and the per-Linear relative output errors, worst first (also saved as OUT/lowbit_report.json).
+    and the per-Linear relative errors, worst first (also saved as OUT/lowbit_report.json):
+    output errors on calibration data, or weight errors for data-free schemes, which read no data.
     """
     start = time.perf_counter()
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
@@ -68,21 +69,24 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
     try:
         scheme, notice = resolve_group_size(ckpt, scheme)
         notices = [notice] if notice else []
-        if not needs_calibration(scheme) and samples > REPORT_SAMPLES:
-            # data-free (RTN weights, dynamic or no activations, no KV cache, no smoothing):
-            # samples only feed the error report, so a report's worth is enough
-            notices.append(f"{scheme.name} with {scheme.algorithm} needs no calibration data; "
-                           f"{REPORT_SAMPLES} samples run for the error report only")
-            samples = REPORT_SAMPLES
+        data_free = not needs_calibration(scheme)
+        if data_free:
+            # RTN weights with dynamic or no activation quantization, no KV cache, no smoothing:
+            # data cannot change the result, so none is read and no forward runs
+            notices.append(f"{scheme.name} with {scheme.algorithm} is data-free: no calibration; "
+                           "the report gives each Linear's relative weight error")
         for n in notices:
             log.warning(n)
         _check_seq_len(ckpt, seq_len)
-        tokenizer = ckpt.tokenizer()
-        records = data.read_records(dataset)
-        batches = data.calibration_samples(tokenizer, records, samples=samples, seq_len=seq_len, seed=seed)
-        source, dropped = records.source, records.dropped
-        del records  # the parsed dataset (hundreds of MB for ShareGPT) is not needed past here
-        _release_memory()
+        batches, source, dropped = [], None, 0
+        if not data_free:
+            tokenizer = ckpt.tokenizer()
+            records = data.read_records(dataset)
+            batches = data.calibration_samples(tokenizer, records, samples=samples, seq_len=seq_len,
+                                               seed=seed)
+            source, dropped = records.source, records.dropped
+            del records  # the parsed dataset (hundreds of MB for ShareGPT) is not needed past here
+            _release_memory()
         with CheckpointWriter(out, ckpt.path, scheme, overwrite=overwrite) as writer:
             layers = quantize_layers(ckpt, scheme, batches, writer)
             worst = sorted(layers, key=lambda r: -r["rel_error"])
@@ -97,6 +101,7 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
                 "dataset": source,
                 "records_dropped": dropped,
                 "samples": len(batches),
+                "error": "weight" if data_free else "output",
                 "calibration_tokens": int(sum(b.numel() for b in batches)),
                 "layers": worst,
             }

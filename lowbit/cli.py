@@ -36,10 +36,13 @@ def _print_quantize(s: dict, top: int = 10) -> None:
           f"in {s['seconds']:.1f} s")
     for notice in s["notices"]:
         print(f"note: {notice}")
-    print(f"calibration: {s['samples']} samples, {s['calibration_tokens']} tokens from {s['dataset']}"
-          + (f" ({s['records_dropped']} malformed records dropped)" if s["records_dropped"] else ""))
+    if s["samples"]:
+        print(f"calibration: {s['samples']} samples, {s['calibration_tokens']} tokens from {s['dataset']}"
+              + (f" ({s['records_dropped']} malformed records dropped)" if s["records_dropped"] else ""))
     print(f"size on disk: {_size(s['size_bytes'])} (source {_size(s['source_size_bytes'])})")
-    print(f"relative output error per Linear on calibration data, worst {min(top, len(s['layers']))} "
+    what = "output error per Linear on calibration data" if s["error"] == "output" \
+        else "weight error ||W - Q|| / ||W|| per Linear"
+    print(f"relative {what}, worst {min(top, len(s['layers']))} "
           f"of {len(s['layers'])} (all in OUT/lowbit_report.json):")
     for row in s["layers"][:top]:
         print(f"  {row['rel_error']:9.5f}  {row['name']}")

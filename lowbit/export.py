@@ -37,7 +37,7 @@ def _umask() -> int:
     return mask
 
 
-def quant_args(spec: QuantSpec) -> QuantizationArgs:
+def quant_args(spec: QuantSpec, actorder: str | None = None) -> QuantizationArgs:
     """Our QuantSpec as the library's QuantizationArgs (what vLLM parses)."""
     return QuantizationArgs(
         num_bits=spec.bits,
@@ -46,7 +46,21 @@ def quant_args(spec: QuantSpec) -> QuantizationArgs:
         strategy=spec.granularity,
         group_size=spec.group_size,
         dynamic=spec.dynamic,
+        actorder=actorder,
     )
+
+
+def weight_actorder(scheme: Scheme) -> str | None:
+    """GPTQ's activation ordering as the config records it.
+
+    lowbit's act-order keeps groups in storage order ("static groups"), which the library
+    calls "weight" ordering: it changes how GPTQ visits columns, not the stored layout, so no
+    weight_g_idx is written and vLLM runs its fast kernels. ("group" ordering needs g_idx, is
+    slower to serve and is rejected by recent vLLM.)
+    """
+    if scheme.algorithm == "gptq" and scheme.act_order and scheme.weights.granularity == "group":
+        return "weight"
+    return None
 
 
 def compression_format(scheme: Scheme) -> str:
@@ -68,7 +82,7 @@ def quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
         config_groups={
             "group_0": QuantizationScheme(
                 targets=["Linear"],
-                weights=quant_args(scheme.weights),
+                weights=quant_args(scheme.weights, weight_actorder(scheme)),
                 input_activations=quant_args(scheme.inputs) if scheme.inputs else None,
             )
         },

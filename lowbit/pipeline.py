@@ -84,9 +84,6 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[torch.
     return hidden, kwargs
 
 
-REPORT_SAMPLES = 16  # calibration samples a data-free scheme still runs, for the error report
-
-
 def needs_calibration(scheme: Scheme) -> bool:
     """Whether the scheme's result depends on calibration statistics at all."""
     return (scheme.algorithm == "gptq" or scheme.static_inputs or scheme.smoothing is not None
@@ -230,6 +227,13 @@ def _propagate(layer, targets, originals, act_quant, hidden, kwargs, report_batc
     return {n: (e.err / e.ref) ** 0.5 if e.ref > 0 else 0.0 for n, e in sums.items()}
 
 
+def _weight_error(original: torch.Tensor, dequantized: torch.Tensor) -> float:
+    """||W - Q|| / ||W||: the report of a data-free run, which has no activations to compare."""
+    ref = torch.linalg.vector_norm(original.float())
+    err = torch.linalg.vector_norm(dequantized.float() - original.float())
+    return (err / ref).item() if ref > 0 else 0.0
+
+
 def _input_scale(scheme: Scheme, amax: AbsMax, dtype: torch.dtype) -> torch.Tensor:
     """The static per-tensor input scale to store."""
     return grid_for(scheme.inputs, dtype).bind_amax(amax.value.max()).tensor_scale.reshape(1)
@@ -281,7 +285,13 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
     outer = [n for n in ckpt.names() if not n.startswith(arch.layers + ".")]
     for name in sorted(outer):
         writer.add(name, ckpt.tensor(name))
-    hidden, kwargs = batch_equal_lengths(*capture_inputs(model, layers, samples))
+    # Data-free schemes get no samples: no forward runs, and the report is the weight error.
+    data_free = not samples
+    if data_free and needs_calibration(scheme):
+        raise LowbitError(f"{scheme.name} with {scheme.algorithm} needs calibration samples")
+    # (a few dummy tokens still run once, through layer 0 only, to discover its fused sets)
+    probe = samples if not data_free else [torch.zeros(8, dtype=torch.long)]
+    hidden, kwargs = batch_equal_lengths(*capture_inputs(model, layers, probe))
     static_inputs = scheme.static_inputs
     report, sets = [], None
     for i in progress(range(len(layers)), "quantizing layers"):
@@ -324,8 +334,11 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
         check_fused(prefix, sets, quantized, input_scales)
         attn = attention_modules(layer) if scheme.kv_cache is not None else {}
         kv_stats = {m: (AbsMax(), AbsMax()) for m in attn.values()}
-        errors = _propagate(layer, targets, originals, act_quant, hidden, kwargs[i], report_batches,
-                            kv_stats)
+        if data_free:
+            errors = {n: _weight_error(originals[n], targets[n].weight) for n in targets}
+        else:
+            errors = _propagate(layer, targets, originals, act_quant, hidden, kwargs[i],
+                                report_batches, kv_stats)
         for name in sorted(n for n in ckpt.names() if n.startswith(prefix)):
             module = name[len(prefix):].rsplit(".", 1)[0]
             if module in quantized and name.endswith(".weight"):

@@ -5,6 +5,7 @@ the writer's promises: fused sets are consistent, OUT appears whole or not at al
 from __future__ import annotations
 
 import json
+import shutil
 import stat
 from pathlib import Path
 
@@ -152,7 +153,22 @@ def test_int_schemes_decompress_to_our_weights_bit_for_bit(scheme, written):
         assert t[name + ".weight_packed"].shape == (64, 64 * bits // 32)
         assert t[name + ".weight_shape"].tolist() == [64, 64]
         assert (name + ".weight_zero_point" in t) == (scheme == "W4A16_ASYM")
+    # act-order with static groups is "weight" ordering: same layout, so no g_idx anywhere
+    (group,) = QuantizationConfig.model_validate(qconfig(out)).config_groups.values()
+    grouped_gptq = PRESETS[scheme].algorithm == "gptq" and group.weights.strategy == "group"
+    assert group.weights.actorder == ("weight" if grouped_gptq else None)
+    assert not any(k.endswith("g_idx") for k in t)
     _decompressed_equals_ours(out)
+
+
+def test_group_act_order_checkpoints_are_refused_by_the_runtime(written, tmp_path):
+    out = tmp_path / "g"
+    shutil.copytree(written("W4A16"), out)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(LowbitError, match="group activation ordering"):
+        load_model(out)
 
 
 def _decompressed_equals_ours(out):

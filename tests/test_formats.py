@@ -128,6 +128,21 @@ def test_fp8_static_activations_clip_beyond_calibrated_range():
     assert got.tolist() == [[1.0, -2.0, 2.0, -2.0]]
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_static_fp8_activations_in_model_dtype_match_float64_reference(dtype):
+    """bf16/fp16 activations with a scale exact in their dtype: codes from the float32
+    quotient (as a runtime computes them), values = code * scale rounded once to the dtype."""
+    torch.manual_seed(6)
+    x = (torch.randn(3, 9, 40) * 3).to(dtype)
+    x[0, 0, :4] = torch.tensor([1e4, -1e4, 0.0, -0.0])  # clipped to ±448 * scale; signed zeros
+    scale = torch.tensor([0.0234375]).to(dtype).float()  # exact in both dtypes
+    got = activation_qdq(FP8_T, scale)(x)
+    assert got.dtype == dtype
+    q = (x.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn).double()
+    ref = (q * scale.double()).to(dtype)
+    assert torch.equal(got, ref)
+
+
 def ref_int8(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     q = (x.double() / scale.double()).flatten().tolist()
     # Python's round() is round-half-even on float64

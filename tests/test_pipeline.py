@@ -42,6 +42,37 @@ def run(src: Path, out: Path, scheme="FP8", ignore=()):
 
 
 
+@pytest.mark.parametrize("scheme", ["FP8_DYNAMIC", "W8A16_FP8"])
+def test_data_free_schemes_run_without_samples_and_report_weight_error(scheme, tiny_dir, tmp_path):
+    """Data cannot change a data-free scheme's checkpoint: with no samples (no forward at all)
+    the files are the same bytes as with samples, and the report is ||W - Q|| / ||W||."""
+    src = tiny_dir("llama")
+    s = PRESETS[scheme]
+    for name, batch in (("with", samples()), ("without", [])):
+        ckpt = Checkpoint(src)
+        with CheckpointWriter(tmp_path / name, src, s, overwrite=True) as w:
+            report = quantize_layers(ckpt, s, batch, w)
+    files = sorted(f.name for f in (tmp_path / "with").iterdir())
+    assert files == sorted(f.name for f in (tmp_path / "without").iterdir())
+    for f in files:
+        assert (tmp_path / "with" / f).read_bytes() == (tmp_path / "without" / f).read_bytes(), f
+    orig, deq = tensors(src), load_model(tmp_path / "without").state_dict()
+    assert len(report) == 2 * 7
+    for r in report:
+        w = orig[r["name"] + ".weight"].double()
+        ref = ((deq[r["name"] + ".weight"].double() - w).norm() / w.norm()).item()
+        assert r["rel_error"] == pytest.approx(ref, rel=1e-5)
+        assert 0 < r["rel_error"] < 0.05
+
+
+def test_a_calibrated_scheme_without_samples_is_refused(tiny_dir, tmp_path):
+    src = tiny_dir("llama")
+    with pytest.raises(LowbitError, match="needs calibration samples"):
+        with CheckpointWriter(tmp_path / "q", src, PRESETS["FP8"], overwrite=True) as w:
+            quantize_layers(Checkpoint(src), PRESETS["FP8"], [], w)
+    assert not (tmp_path / "q").exists()
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("scheme", ["FP8", "FP8_DYNAMIC", "W8A16_FP8", "W4A16", "W8A8_INT8"])
 def test_every_family_quantizes_and_reloads(family, scheme, tiny_dir, tmp_path):

@@ -79,11 +79,11 @@ class ScaleGrid:
         rounding gives the smallest squared error: on coarse grids (INT4) a slightly clipped
         range beats the full one, because most weights are far from the row's maximum.
         """
-        _check_finite(block)
         if self.spec.granularity == "tensor":
             bound = self.tensor_scale if self.tensor_scale is not None else self.bind(block).tensor_scale
             return QParams(bound.reshape(1, 1))
         amax = block.abs().amax(dim=-1, keepdim=True)
+        _check_finite(amax)  # NaN and Inf propagate into the maximum: one check per row, not per value
         best, best_err = None, None
         for p in self.shrink:
             cand = QParams(_scale_from_amax(amax * p, self.qmax, self.scale_dtype))
@@ -98,10 +98,13 @@ class ScaleGrid:
                 best_err = torch.minimum(err, best_err)
         return best
 
-    def encode(self, x: torch.Tensor, p: QParams, work: torch.dtype = torch.float64) -> torch.Tensor:
+    def encode(self, x: torch.Tensor, p: QParams, work: torch.dtype = torch.float64,
+               check: bool = True) -> torch.Tensor:
         """Codes of x. Weights divide in float64, where the quotient is exact enough that the
-        only rounding is the grid's; activations pass work=float32, as a runtime computes them."""
-        _check_finite(x)
+        only rounding is the grid's; activations pass work=float32, as a runtime computes them,
+        and check=False: a runtime does not scan them for NaN either, and the scan costs a pass."""
+        if check:
+            _check_finite(x)
         return self.round(x.to(work) / p.scale.to(work))
 
     def decode(self, codes: torch.Tensor, p: QParams) -> torch.Tensor:
@@ -117,16 +120,18 @@ class AffineGrid(ScaleGrid):
     """
 
     def fit(self, block: torch.Tensor) -> QParams:
-        _check_finite(block)
         qmin, qmax = int_range(self.spec.bits)
         lo = block.amin(dim=-1, keepdim=True).clamp(max=0).float()
         hi = block.amax(dim=-1, keepdim=True).clamp(min=0).float()
+        _check_finite(hi - lo)
         scale = _scale_from_amax(hi - lo, qmax - qmin, self.scale_dtype)
         zero = torch.round(qmin - lo.double() / scale.double()).clamp(qmin, qmax).to(torch.int8)
         return QParams(scale, zero)
 
-    def encode(self, x: torch.Tensor, p: QParams, work: torch.dtype = torch.float64) -> torch.Tensor:
-        _check_finite(x)
+    def encode(self, x: torch.Tensor, p: QParams, work: torch.dtype = torch.float64,
+               check: bool = True) -> torch.Tensor:
+        if check:
+            _check_finite(x)
         return self.round(x.to(work) / p.scale.to(work) + p.zero.to(work))
 
     def decode(self, codes: torch.Tensor, p: QParams) -> torch.Tensor:
@@ -156,7 +161,12 @@ def qdq(grid: ScaleGrid, x: torch.Tensor, p: QParams | None = None) -> torch.Ten
     """Quantize-dequantize activations x[..., features] (p=None: dynamic, fitted per row)."""
     flat = x.reshape(-1, x.shape[-1])
     p = grid.fit(flat) if p is None else p
-    return grid.decode(grid.encode(flat, p, torch.float32), p).to(x.dtype).reshape(x.shape)
+    codes = grid.encode(flat, p, torch.float32, check=False)
+    if p.zero is None and p.scale.numel() == 1 and p.scale.to(x.dtype).float() == p.scale:
+        # Codes (<= 8 significant bits) times a scale exact in x's dtype round once either
+        # way, so decoding straight into x's dtype is bit-identical and saves two passes.
+        p = QParams(p.scale.to(x.dtype))
+    return grid.decode(codes, p).to(x.dtype).reshape(x.shape)
 
 
 def activation_qdq(spec: QuantSpec, scale: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:

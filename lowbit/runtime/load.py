@@ -23,6 +23,9 @@ def spec_from_args(args: dict) -> QuantSpec:
     kind = {"float": "fp8", "int": "int"}.get(args.get("type"))
     if kind is None or (kind == "fp8" and args.get("num_bits") != 8):
         raise LowbitError(f"unsupported quantization args in checkpoint: {args}")
+    if args.get("actorder") in ("group", "dynamic"):
+        # groups indexed through weight_g_idx: not a layout lowbit reads (or writes)
+        raise LowbitError("checkpoints with group activation ordering (weight_g_idx) are not supported")
     return QuantSpec(kind, args["num_bits"], args["strategy"], args.get("group_size"),
                      args.get("symmetric", True), bool(args.get("dynamic", False)))
 
