@@ -38,6 +38,23 @@ def _dir_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
 
 
+def resolve_device(name: str = "auto") -> torch.device:
+    """"auto": the GPU when torch sees one, else the CPU; or cpu, cuda, cuda:N."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise LowbitError(f"unknown device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+    if device.type not in ("cpu", "cuda"):
+        raise LowbitError(f"device {name!r} is not supported (use auto, cpu, cuda or cuda:N)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LowbitError(f"--device {name}: torch sees no CUDA GPU on this machine")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise LowbitError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    return device
+
+
 def _check_seq_len(ckpt: Checkpoint, seq_len: int) -> None:
     limit = ckpt.config_dict.get("max_position_embeddings")
     if limit and seq_len > limit:
@@ -49,13 +66,14 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
              ignore: tuple[str, ...] | list[str] = (), seed: int = 0,
              group_size: int | None = None, algorithm: str | None = None,
              kv_cache: str | None = None, kv_scale: str | None = None,
-             smoothquant: str | None = None, overwrite: bool = False) -> dict:
+             smoothquant: str | None = None, device: str = "auto", overwrite: bool = False) -> dict:
     """Quantize the checkpoint directory `model` with `scheme` and write a compressed-tensors
     checkpoint to `out`.
 
     Calibration uses `samples` records of at most `seq_len` tokens from `dataset` (its
     calibration split), chosen by `seed`. `group_size` and `algorithm` ("rtn" or "gptq")
-    override the scheme's defaults. Returns a summary: scheme, timings, output size
+    override the scheme's defaults. `device` runs the layers, statistics and solvers on a GPU
+    ("auto": a GPU when torch sees one). Returns a summary: scheme, timings, output size
     and the per-Linear relative errors, worst first (also saved as OUT/lowbit_report.json):
     output errors on calibration data, or weight errors for data-free schemes, which read no data.
     """
@@ -65,6 +83,7 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
         group_size=group_size, algorithm=algorithm, kv_cache=kv_cache, kv_scale=kv_scale,
         smoothing=smoothquant)
     check_output(out, overwrite)
+    where = resolve_device(device)
     ckpt = Checkpoint(model)
     try:
         scheme, notice = resolve_group_size(ckpt, scheme)
@@ -88,7 +107,7 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
             del records  # the parsed dataset (hundreds of MB for ShareGPT) is not needed past here
             _release_memory()
         with CheckpointWriter(out, ckpt.path, scheme, overwrite=overwrite) as writer:
-            layers = quantize_layers(ckpt, scheme, batches, writer)
+            layers = quantize_layers(ckpt, scheme, batches, writer, device=where)
             worst = sorted(layers, key=lambda r: -r["rel_error"])
             summary = {
                 "scheme": scheme.name,
@@ -100,6 +119,7 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
                 "model": str(ckpt.path.resolve()),
                 "dataset": source,
                 "records_dropped": dropped,
+                "device": str(where),
                 "samples": len(batches),
                 "error": "weight" if data_free else "output",
                 "calibration_tokens": int(sum(b.numel() for b in batches)),
@@ -125,7 +145,7 @@ def load(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Modul
 
 
 def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: str = "sharegpt",
-             windows: int = 32, seq_len: int = 512) -> dict:
+             windows: int = 32, seq_len: int = 512, device: str = "auto") -> dict:
     """Perplexity of `model` on held-out windows of `dataset` (its evaluation split); with a
     `baseline`, also mean next-token KL(baseline || model) and top-1 agreement."""
     from .metrics import compare
@@ -138,10 +158,11 @@ def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: 
     tokenizer = load_tokenizer(path)
     texts = data.read_records(dataset)
     wins = data.eval_windows(tokenizer, texts, windows=windows, seq_len=seq_len)
-    net = load(path)
-    base = load(baseline) if baseline is not None else None
+    where = resolve_device(device)
+    net = load(path).to(where)
+    base = load(baseline).to(where) if baseline is not None else None
     result = compare(net, wins, base)
     result.update(model=str(path), baseline=str(baseline) if baseline else None,
-                  windows=len(wins), seq_len=seq_len, size_bytes=_dir_size(path),
+                  windows=len(wins), seq_len=seq_len, size_bytes=_dir_size(path), device=str(where),
                   seconds=time.perf_counter() - start)
     return result

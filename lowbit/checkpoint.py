@@ -163,14 +163,16 @@ class Checkpoint:
                               f"{str(e).splitlines()[0]}") from None
         return model.eval()
 
-    def materialize(self, module: nn.Module, prefix: str, dtype: torch.dtype = torch.float32) -> None:
-        """Read `module`'s parameters (names under `prefix`) into real CPU tensors of `dtype`."""
+    def materialize(self, module: nn.Module, prefix: str, dtype: torch.dtype = torch.float32,
+                    device: torch.device | str = "cpu") -> None:
+        """Read `module`'s parameters (names under `prefix`) into real tensors of `dtype` on `device`."""
         for name, _ in list(module.named_parameters(recurse=True)):
             owner_name, _, leaf = name.rpartition(".")
             owner = module.get_submodule(owner_name) if owner_name else module
-            self.materialize_param(owner, leaf, prefix + name, dtype)
+            self.materialize_param(owner, leaf, prefix + name, dtype, device)
 
-    def load_outer(self, model: nn.Module, layers_path: str, dtype: torch.dtype = torch.float32) -> None:
+    def load_outer(self, model: nn.Module, layers_path: str, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu") -> None:
         """Materialize everything outside the decoder layers (embeddings, final norm, lm_head)."""
         prefix = layers_path + "."
         for name, module in model.named_modules():
@@ -182,11 +184,15 @@ class Checkpoint:
                 if full not in self.files and full == "lm_head.weight" and getattr(
                         model.config, "tie_word_embeddings", False):
                     continue  # tied to the embeddings below
-                self.materialize_param(module, pname, full, dtype)
+                self.materialize_param(module, pname, full, dtype, device)
+            for bname, buf in list(module.named_buffers(recurse=False)):  # rotary inv_freq and the like
+                if buf is not None and buf.device.type != "meta":
+                    module._buffers[bname] = buf.to(device)
         if getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in self.files:
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
 
-    def materialize_param(self, module: nn.Module, pname: str, full: str, dtype: torch.dtype) -> None:
+    def materialize_param(self, module: nn.Module, pname: str, full: str, dtype: torch.dtype,
+                          device: torch.device | str = "cpu") -> None:
         """Replace module.<pname> by checkpoint tensor `full`, checked for shape and finiteness."""
         if full not in self.files:
             raise LowbitError(f"{self.path} has no tensor {full}")
@@ -196,4 +202,4 @@ class Checkpoint:
             raise LowbitError(f"tensor {full} has shape {tuple(value.shape)}, the config implies {expected}")
         if value.is_floating_point() and not torch.isfinite(value).all():
             raise LowbitError(f"tensor {full} contains NaN or Inf; the checkpoint is corrupt")
-        setattr(module, pname, nn.Parameter(value.to(dtype), requires_grad=False))
+        setattr(module, pname, nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False))

@@ -66,14 +66,15 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     s = api.quantize(a.model, a.out, a.scheme, dataset=a.dataset, samples=a.samples,
                      seq_len=a.seq_len, ignore=a.ignore, seed=a.seed, group_size=a.group_size,
                      algorithm=a.algorithm, kv_cache=a.kv_cache, kv_scale=a.kv_scale,
-                     smoothquant=a.smoothquant, overwrite=a.overwrite)
+                     smoothquant=a.smoothquant, device=a.device, overwrite=a.overwrite)
     print(json.dumps(s, indent=2)) if a.json else _print_quantize(s)
 
 
 def _cmd_eval(a: argparse.Namespace) -> None:
     from . import api
 
-    r = api.evaluate(a.model, a.baseline, dataset=a.dataset, windows=a.windows, seq_len=a.seq_len)
+    r = api.evaluate(a.model, a.baseline, dataset=a.dataset, windows=a.windows, seq_len=a.seq_len,
+                     device=a.device)
     print(json.dumps(r, indent=2)) if a.json else _print_eval(r)
 
 
@@ -132,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kv-scale", choices=["calibrated", "unit"],
                    help="calibrated (default): K and V share one scale, max(amax)/448, as in AMD's "
                    "MLPerf recipe; unit: 1.0")
+    q.add_argument("--device", default="auto", help="where layers are calibrated and solved: auto "
+                   "(a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N; the model "
+                   "is still read one layer at a time, so a GPU needs room for one layer only")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     q.set_defaults(func=_cmd_quantize)
@@ -145,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--dataset", default="sharegpt", help="evaluation data (default: sharegpt)")
     e.add_argument("--windows", type=_positive, default=32, help="number of windows (default: 32)")
     e.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default: 512)")
+    e.add_argument("--device", default="auto", help="auto (a CUDA GPU when torch sees one), cpu, "
+                   "cuda or cuda:N")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_cmd_eval)
 

@@ -164,7 +164,7 @@ class CheckpointWriter:
         """An unquantized tensor, stored as is."""
         if name in self._buffer or any(name in s for s in self._shards):
             raise ValueError(f"tensor {name} written twice")
-        tensor = tensor.detach().contiguous()
+        tensor = tensor.detach().cpu().contiguous()
         self._buffer[name] = tensor
         self._buffered += tensor.numel() * tensor.element_size()
 

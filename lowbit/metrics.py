@@ -20,7 +20,7 @@ def compare(model: nn.Module, windows: list[torch.Tensor], baseline: nn.Module |
     """
     nll, base_nll, kl, agree, tokens = 0.0, 0.0, 0.0, 0, 0
     for ids in progress(windows, "evaluating"):
-        ids = ids.reshape(1, -1)
+        ids = ids.reshape(1, -1).to(next(model.parameters()).device)
         # float32 log-probs; per-token sums are accumulated in float64
         logp = F.log_softmax(model(input_ids=ids).logits[0, :-1].float(), dim=-1)
         target = ids[0, 1:]

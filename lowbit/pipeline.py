@@ -269,8 +269,11 @@ def resolve_group_size(ckpt: Checkpoint, scheme: Scheme) -> tuple[Scheme, str | 
 
 @torch.no_grad()
 def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor], writer,
-                    report_batches: int = 2) -> list[dict]:
+                    report_batches: int = 2, device: torch.device | str = "cpu") -> list[dict]:
     """Quantize every decoder layer of `ckpt` in turn, handing results to `writer`.
+
+    Layers, activations, statistics and solvers live on `device` (a GPU, when there is one);
+    the model outside the current layer stays on the meta device, and the writer gets CPU copies.
 
     Returns the per-Linear error report: [{"name", "rel_error"}], in model order.
     """
@@ -281,7 +284,7 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
     model = ckpt.skeleton(dtype)
     arch = arch_for(model)
     layers = decoder_layers(model, arch)
-    ckpt.load_outer(model, arch.layers, dtype)
+    ckpt.load_outer(model, arch.layers, dtype, device)
     outer = [n for n in ckpt.names() if not n.startswith(arch.layers + ".")]
     for name in sorted(outer):
         writer.add(name, ckpt.tensor(name))
@@ -291,12 +294,14 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
         raise LowbitError(f"{scheme.name} with {scheme.algorithm} needs calibration samples")
     # (a few dummy tokens still run once, through layer 0 only, to discover its fused sets)
     probe = samples if not data_free else [torch.zeros(8, dtype=torch.long)]
+    probe = [s.to(device) for s in probe]
     hidden, kwargs = batch_equal_lengths(*capture_inputs(model, layers, probe))
     static_inputs = scheme.static_inputs
     report, sets = [], None
     for i in progress(range(len(layers)), "quantizing layers"):
         layer, prefix = layers[i], f"{arch.layers}.{i}."
-        ckpt.materialize(layer, prefix, dtype)
+        ckpt.materialize(layer, prefix, dtype, device)
+        layer.to(device)  # its buffers, if any
         if sets is None:
             layout = layer_layout(layer, (hidden[0],), kwargs[0][0])
             sets = layout.sets

@@ -40,6 +40,8 @@ class Hessian:
 
     def update(self, x: torch.Tensor) -> None:
         x = x.detach().reshape(-1, x.shape[-1]).float()
+        if self.sum.device != x.device:  # accumulate where the activations are (GPU or CPU)
+            self.sum = self.sum.to(x.device)
         self.sum += (x.T @ x).double()
         self.count += x.shape[0]
 

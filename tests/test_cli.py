@@ -162,8 +162,19 @@ def _unknown_extension(src, out, data, tmp):
     return quantize_args(src, out, csv), "unknown extension '.csv'"
 
 
+def _unknown_device(src, out, data, tmp):
+    return quantize_args(src, out, data["jsonl"], "--device", "tpu"), "unknown device 'tpu'"
+
+
+def _gpu_missing(src, out, data, tmp):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    return quantize_args(src, out, data["jsonl"], "--device", "cuda"), "torch sees no CUDA GPU"
+
+
 @pytest.mark.parametrize("case", [_missing_model, _unknown_scheme, _existing_out, _seq_len_too_long,
-                                  _nothing_usable, _unknown_extension], ids=lambda c: c.__name__[1:])
+                                  _nothing_usable, _unknown_extension, _unknown_device, _gpu_missing],
+                         ids=lambda c: c.__name__[1:])
 def test_user_errors_are_one_line_with_exit_code_2_and_leave_nothing(case, tiny_dir, datasets, tmp_path):
     out = tmp_path / "work" / "out"
     out.parent.mkdir()

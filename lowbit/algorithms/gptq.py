@@ -50,11 +50,12 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: ScaleGrid, *, block:
         params[0] = grid.fit(W)
     elif act_order:
         params = {s: grid.fit(W[:, s:s + g]) for s in range(0, cols, g)}
-    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols)
+    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols, device=W.device)
     W, H = W[:, perm], H[perm][:, perm]
     U = _inverse_hessian_factor(H, damp)  # [in, in], upper
 
-    codes = torch.empty(rows, cols, dtype=torch.int8 if spec.format == "int" else torch.float8_e4m3fn)
+    codes = torch.empty(rows, cols, dtype=torch.int8 if spec.format == "int" else torch.float8_e4m3fn,
+                        device=W.device)
     block = max(g, block // g * g) if not act_order else block  # groups never straddle blocks
     for i1 in range(0, cols, block):
         i2 = min(i1 + block, cols)

@@ -20,7 +20,7 @@ def pack_int32(codes: torch.Tensor, bits: int, dim: int = 1) -> torch.Tensor:
         u = u.T
     rows, cols = u.shape
     u = torch.nn.functional.pad(u, (0, -cols % per))  # a partial last word is zero-filled
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=codes.device) * bits
     words = (u.reshape(rows, -1, per) << shifts).sum(-1)
     words = torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)  # two's complement
     return (words.T if dim == 0 else words).contiguous()
@@ -30,7 +30,7 @@ def unpack_int32(words: torch.Tensor, bits: int, shape: tuple[int, int], dim: in
     """Inverse of pack_int32: int32 words -> int8 codes of `shape`."""
     per = 32 // bits
     w = (words.T if dim == 0 else words).to(torch.int64) & 0xFFFFFFFF
-    shifts = torch.arange(per, dtype=torch.int64) * bits
+    shifts = torch.arange(per, dtype=torch.int64, device=words.device) * bits
     u = ((w[..., None] >> shifts) & ((1 << bits) - 1)).reshape(w.shape[0], -1)
     n = shape[0] if dim == 0 else shape[1]
     codes = (u[:, :n] - (1 << (bits - 1))).to(torch.int8)
