@@ -57,23 +57,28 @@ def test_data_free_scheme_is_byte_identical_on_every_device(device, on_cpu, tiny
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("scheme", ["FP8", "W4A16"])
-def test_calibrated_schemes_agree_across_devices(device, scheme, on_cpu, tiny_dir, tmp_path):
-    """Calibration runs bf16 matmuls, whose last bits differ between devices, so statistics (and
-    GPTQ's choices) may differ slightly: the dequantized weights must stay within a tenth of
-    the quantization error itself, and weights of static FP8 (data-independent) match exactly."""
-    run(tiny_dir("llama"), tmp_path / "q", scheme, device)
-    ours = load_model(tmp_path / "q").state_dict()
-    ref = load_model(on_cpu(scheme)).state_dict()
-    orig = {k: v.float() for k, v in tensors(tiny_dir("llama")).items()}
-    for name, w in orig.items():
-        if not name.endswith("proj.weight"):
-            continue
-        if scheme == "FP8":
-            assert torch.equal(ours[name], ref[name]), name
+def test_static_fp8_is_byte_identical_on_every_device(device, on_cpu, tiny_dir, tmp_path):
+    """Static FP8 weights depend on the weights alone; only the input scales come from the
+    calibration forward, whose bf16 matmuls differ in the last bits between devices."""
+    run(tiny_dir("llama"), tmp_path / "q", "FP8", device)
+    ours, ref = tensors(tmp_path / "q"), tensors(on_cpu("FP8"))
+    for name in ref:
+        if not name.endswith("input_scale"):
+            assert torch.equal(ours[name].view(torch.uint8), ref[name].view(torch.uint8)), name
         else:
-            quant_err = (ref[name] - w).norm()
-            assert (ours[name] - ref[name]).norm() <= 0.1 * quant_err, name
+            assert torch.allclose(ours[name].float(), ref[name].float(), rtol=0.02), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_gptq_is_as_accurate_on_every_device(device, on_cpu, tiny_dir, tmp_path):
+    """GPTQ's rounding choices cascade, so last-bit Hessian differences change many codes; what
+    must hold is the quality: the model's output error is the CPU run's, within 10 %."""
+    run(tiny_dir("llama"), tmp_path / "q", "W4A16", device)
+    ids = samples(1, 40, seed=9)[0][None]
+    base = load_model(tiny_dir("llama"))(input_ids=ids).logits.double()
+    err = {k: (load_model(p)(input_ids=ids).logits.double() - base).norm().item()
+           for k, p in (("ours", tmp_path / "q"), ("cpu", on_cpu("W4A16")))}
+    assert 0.9 * err["cpu"] <= err["ours"] <= 1.1 * err["cpu"]
 
 
 def test_layers_and_statistics_live_on_the_requested_device(tiny_dir, tmp_path, monkeypatch):

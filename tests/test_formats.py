@@ -201,6 +201,24 @@ def test_bf16_stored_scale_is_rounded_up_and_codes_use_it():
     assert q.codes.double().abs().max() <= 448
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_stored_scales_are_the_smallest_value_at_or_above_amax_over_qmax(device, dtype):
+    torch.manual_seed(7)
+    amax = torch.cat([torch.rand(2000) * 10 ** torch.randint(-4, 3, (2000,)).float(),
+                      torch.tensor([448.0, 1.0, 0.0])]).to(device)
+    q = grid_for(FP8_C, dtype).fit(amax[:, None])
+    s = q.scale[:, 0].cpu()
+    amax = amax.cpu()  # reference: the correctly rounded float32 quotient, as the CPU divides
+    exact = torch.where(amax > 0, amax / 448, torch.ones_like(amax)).double()
+    step_down = (s.view(INT_OF[dtype]) - 1).view(dtype).double()
+    assert s.dtype == dtype
+    assert (s.double() >= exact).all() and (step_down < exact).all()
+
+
+INT_OF = {torch.bfloat16: torch.int16, torch.float16: torch.int16, torch.float32: torch.int32}
+
+
 def test_int4_asymmetric_group_matches_reference():
     torch.manual_seed(6)
     w = torch.randn(8, 64) + 0.7  # off-centre rows use the zero point

@@ -40,10 +40,22 @@ def _scale_from_amax(amax: torch.Tensor, qmax: float, dtype: torch.dtype) -> tor
     """
     amax = amax.float()
     # An all-zero tensor or row has no range; any scale codes it exactly, 1.0 keeps it finite.
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    # Divide by a tensor, not a Python number: CUDA turns division by a scalar into
+    # multiplication by its reciprocal, which rounds differently and changes stored scales.
+    scale = torch.where(amax > 0, amax / torch.full_like(amax, qmax), torch.ones_like(amax))
     stored = scale.to(dtype)
     below = stored.float() < scale
-    return torch.where(below, torch.nextafter(stored, torch.full_like(stored, torch.inf)), stored)
+    return torch.where(below, _next_up(stored), stored)
+
+
+_SAME_WIDTH_INT = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def _next_up(x: torch.Tensor) -> torch.Tensor:
+    """The next representable value above positive finite x, by stepping its bit pattern.
+    (torch.nextafter on CUDA steps bf16 in float32 and rounds back, returning x itself.)"""
+    bits = x.view(_SAME_WIDTH_INT[x.element_size()])
+    return (bits + 1).view(x.dtype)
 
 
 def _check_finite(x: torch.Tensor) -> None:
