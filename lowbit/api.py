@@ -49,20 +49,22 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
              ignore: tuple[str, ...] | list[str] = (), seed: int = 0,
              group_size: int | None = None, algorithm: str | None = None,
              kv_cache: str | None = None, kv_scale: str | None = None,
-             smoothquant: str | None = None, overwrite: bool = False) -> dict:
+             smoothquant: str | None = None, sparsity: float | None = None,
+             sparsity_structure: str | None = None, overwrite: bool = False) -> dict:
     """Quantize the checkpoint directory `model` with `scheme` and write a compressed-tensors
     checkpoint to `out`.
 
     Calibration uses `samples` records of at most `seq_len` tokens from `dataset` (its
     calibration split), chosen by `seed`. `group_size` and `algorithm` ("rtn" or "gptq")
-    override the scheme's defaults. Returns a summary: scheme, timings, output size
+    override the scheme's defaults. `sparsity` (a fraction in (0, 1)) with `sparsity_structure`
+    ("unstructured" or "2:4") prunes every quantized Linear with SparseGPT first. Returns a summary: scheme, timings, output size
     and the per-Linear relative output errors, worst first (also saved as OUT/lowbit_report.json).
     """
     start = time.perf_counter()
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     scheme = scheme.with_ignore(tuple(ignore)).with_options(
         group_size=group_size, algorithm=algorithm, kv_cache=kv_cache, kv_scale=kv_scale,
-        smoothing=smoothquant)
+        smoothing=smoothquant, sparsity=sparsity, sparsity_structure=sparsity_structure)
     check_output(out, overwrite)
     ckpt = Checkpoint(model)
     try:
@@ -92,6 +94,8 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
                 "group_size": scheme.weights.group_size,
                 "kv_cache": "fp8" if scheme.kv_cache else None,
                 "smoothquant": scheme.smoothing,
+                "sparsity": scheme.sparsity,
+                "sparsity_structure": scheme.sparsity_structure if scheme.sparsity else None,
                 "notices": notices,
                 "model": str(ckpt.path.resolve()),
                 "dataset": source,

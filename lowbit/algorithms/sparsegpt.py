@@ -18,9 +18,8 @@ import torch
 
 from ..errors import LowbitError
 from ..formats.grid import QParams, Quantized, ScaleGrid
+from ..schemes import check_sparsity
 from .gptq import _inverse_hessian_factor, _prepare, code_dtype, collect, column_sweep, grid_rounding
-
-STRUCTURES = ("unstructured", "2:4")
 
 
 def _n_m(structure: str) -> tuple[int, int]:
@@ -47,16 +46,6 @@ def mask_chooser(sparsity: float, structure: str):
         return mask
 
     return choose
-
-
-def check_sparsity(sparsity: float, structure: str) -> None:
-    if structure not in STRUCTURES:
-        raise LowbitError(f"unknown sparsity structure {structure!r}; valid: {', '.join(STRUCTURES)}")
-    if not 0 < sparsity < 1:
-        raise LowbitError(f"--sparsity must be strictly between 0 and 1, got {sparsity}")
-    if structure == "2:4" and sparsity != 0.5:
-        raise LowbitError(f"2:4 sparsity prunes exactly half of the weights; --sparsity {sparsity} "
-                          "asks for another fraction (use 0.5, or --sparsity-structure unstructured)")
 
 
 def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, grid: ScaleGrid | None, *,
