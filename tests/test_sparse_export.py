@@ -21,13 +21,14 @@ from lowbit.runtime.load import load_model
 from lowbit.schemes import PRESETS
 from test_export import LINEARS, _decompressed_equals_ours, samples
 
-# (preset, sparsity, structure): joint GPTQ sweep, prune-then-RTN on a per-tensor FP8 grid,
-# asymmetric INT4 (zero points), unstructured on per-channel FP8
+# (preset, sparsity, structure): joint GPTQ sweep, asymmetric INT4 (zero points), prune-then-RTN
+# on a per-tensor FP8 grid, unstructured on per-channel FP8, INT8 after SmoothQuant
 CASES = {
     "W4A16-2:4": ("W4A16", 0.5, "2:4"),
     "W4A16_ASYM-2:4": ("W4A16_ASYM", 0.5, "2:4"),
     "FP8-2:4": ("FP8", 0.5, "2:4"),
     "W8A16_FP8-0.6": ("W8A16_FP8", 0.6, "unstructured"),
+    "W8A8_INT8-2:4": ("W8A8_INT8", 0.5, "2:4"),  # AutoSmoothQuant first, on the smoothed Hessian
 }
 
 
@@ -114,7 +115,7 @@ def test_pattern_and_fraction_hold_in_what_we_load(case, pruned):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize("case", ["W4A16-2:4", "FP8-2:4", "W8A16_FP8-0.6"])
+@pytest.mark.parametrize("case", ["W4A16-2:4", "FP8-2:4", "W8A16_FP8-0.6", "W8A8_INT8-2:4"])
 def test_transformers_loads_our_pruned_weights_exactly(case, pruned):
     """(W4A16_ASYM is left out: transformers 5.24 cannot load asymmetric pack-quantized, see README.)"""
     out = pruned(case)
