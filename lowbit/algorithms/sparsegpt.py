@@ -4,8 +4,9 @@ Each pruned weight's removal error is pushed onto the columns not yet visited th
 inverse Hessian of the layer's inputs, exactly as GPTQ pushes rounding errors; so this file
 only decides *which* weights go (the mask) and reuses gptq.column_sweep for everything else.
 
-Mask selection by the OBS saliency w^2 / [H^-1]_jj^2 (with [H^-1]_jj read off the Cholesky
-factor's diagonal, as the paper does): unstructured sparsity takes the lowest-saliency
+Mask selection by the saliency w^2 / U_jj^2, U the upper Cholesky factor of H^-1 (the paper's
+code): U_jj^2 is [H^-1]_jj over the columns not yet visited, so this is the OBS error of
+removing w once the sweep reaches it. Unstructured sparsity takes the lowest-saliency
 fraction of each block of 128 columns on entering it; n:m (2:4) takes the n lowest of every
 m consecutive input columns, chosen when the sweep reaches them, on the updated weights.
 With a grid, the survivors are quantized inside the same sweep (the paper's joint mode), so
