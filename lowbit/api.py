@@ -66,22 +66,26 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
              ignore: tuple[str, ...] | list[str] = (), seed: int = 0,
              group_size: int | None = None, algorithm: str | None = None,
              kv_cache: str | None = None, kv_scale: str | None = None,
-             smoothquant: str | None = None, device: str = "auto", overwrite: bool = False) -> dict:
+             smoothquant: str | None = None, sparsity: float | None = None,
+             sparsity_structure: str | None = None, device: str = "auto",
+             overwrite: bool = False) -> dict:
     """Quantize the checkpoint directory `model` with `scheme` and write a compressed-tensors
     checkpoint to `out`.
 
     Calibration uses `samples` records of at most `seq_len` tokens from `dataset` (its
     calibration split), chosen by `seed`. `group_size` and `algorithm` ("rtn" or "gptq")
-    override the scheme's defaults. `device` runs the layers, statistics and solvers on a GPU
-    ("auto": a GPU when torch sees one). Returns a summary: scheme, timings, output size
-    and the per-Linear relative errors, worst first (also saved as OUT/lowbit_report.json):
-    output errors on calibration data, or weight errors for data-free schemes, which read no data.
+    override the scheme's defaults. `sparsity` (a fraction in (0, 1)) with `sparsity_structure`
+    ("unstructured" or "2:4") prunes every quantized Linear with SparseGPT first. `device` runs
+    the layers, statistics and solvers on a GPU ("auto": a GPU when torch sees one). Returns a
+    summary: scheme, timings, output size and the per-Linear relative errors, worst first (also
+    saved as OUT/lowbit_report.json): output errors on calibration data, or weight errors for
+    data-free schemes, which read no data.
     """
     start = time.perf_counter()
     scheme = get_scheme(scheme) if isinstance(scheme, str) else scheme
     scheme = scheme.with_ignore(tuple(ignore)).with_options(
         group_size=group_size, algorithm=algorithm, kv_cache=kv_cache, kv_scale=kv_scale,
-        smoothing=smoothquant)
+        smoothing=smoothquant, sparsity=sparsity, sparsity_structure=sparsity_structure)
     check_output(out, overwrite)
     where = resolve_device(device)
     ckpt = Checkpoint(model)
@@ -115,6 +119,8 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
                 "group_size": scheme.weights.group_size,
                 "kv_cache": "fp8" if scheme.kv_cache else None,
                 "smoothquant": scheme.smoothing,
+                "sparsity": scheme.sparsity,
+                "sparsity_structure": scheme.sparsity_structure if scheme.sparsity else None,
                 "notices": notices,
                 "model": str(ckpt.path.resolve()),
                 "dataset": source,

@@ -32,6 +32,8 @@ def _print_quantize(s: dict, top: int = 10) -> None:
     group = f", group {s['group_size']}" if s["group_size"] else ""
     group += ", FP8 KV cache" if s["kv_cache"] else ""
     group += f", SmoothQuant {s['smoothquant']}" if s["smoothquant"] is not None else ""
+    if s.get("sparsity") is not None:
+        group += f", SparseGPT {s['sparsity_structure']} {s['sparsity']:.0%} pruned"
     print(f"quantized {s['model']} -> {s['out']} ({s['scheme']}, {s['algorithm']}{group}) "
           f"in {s['seconds']:.1f} s")
     for notice in s["notices"]:
@@ -66,7 +68,8 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
     s = api.quantize(a.model, a.out, a.scheme, dataset=a.dataset, samples=a.samples,
                      seq_len=a.seq_len, ignore=a.ignore, seed=a.seed, group_size=a.group_size,
                      algorithm=a.algorithm, kv_cache=a.kv_cache, kv_scale=a.kv_scale,
-                     smoothquant=a.smoothquant, device=a.device, overwrite=a.overwrite)
+                     smoothquant=a.smoothquant, sparsity=a.sparsity,
+                     sparsity_structure=a.sparsity_structure, device=a.device, overwrite=a.overwrite)
     print(json.dumps(s, indent=2)) if a.json else _print_quantize(s)
 
 
@@ -93,6 +96,13 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -133,6 +143,13 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kv-scale", choices=["calibrated", "unit"],
                    help="calibrated (default): K and V share one scale, max(amax)/448, as in AMD's "
                    "MLPerf recipe; unit: 1.0")
+    q.add_argument("--sparsity", type=_fraction, metavar="F",
+                   help="prune this fraction of every quantized Linear's weights with SparseGPT "
+                   "(any scheme; needs calibration data), e.g. 0.5; 2:4 means exactly 0.5")
+    q.add_argument("--sparsity-structure", choices=["unstructured", "2:4"],
+                   help="unstructured (default with --sparsity): any weights, per block of 128 "
+                   "columns; 2:4: 2 of every 4 consecutive inputs (implies --sparsity 0.5). "
+                   "Stored dense, with sparsity_config recorded")
     q.add_argument("--device", default="auto", help="where layers are calibrated and solved: auto "
                    "(a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N; the model "
                    "is still read one layer at a time, so a GPU needs room for one layer only")

@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 
 import torch
+from compressed_tensors.config import DenseSparsityConfig
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from safetensors.torch import save_file
 
@@ -97,6 +98,24 @@ def quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
     }
 
 
+def sparsity_config(scheme: Scheme, ignore: list[str], global_sparsity: float) -> dict:
+    """The `sparsity_config` block of a pruned checkpoint, built with the library's model.
+
+    Always the `dense` format: the pruned zeros are stored like any other code. No consumer
+    can read a sparse-compressed layout any more: compressed-tensors 0.20 has no sparse
+    compressors (transformers could not load one), vLLM dropped Marlin-24 (W4A16 2:4) in 0.15
+    and the CUTLASS 2:4 path (FP8/INT8 2:4) in 0.19. `targets` stays unset (in the library's
+    terms: every layer the quantization targets, less `ignore`) because current vLLM refuses
+    any sparsity_config with targets ("Sparsity support has been removed"), and older vLLM
+    would route FP8/INT8 2:4 to its removed kernel; unset, every version loads the checkpoint
+    as the dense quantized model it is. global_sparsity: the fraction of zeros among the
+    weights of the pruned Linears.
+    """
+    config = DenseSparsityConfig(sparsity_structure=scheme.sparsity_structure,
+                                 global_sparsity=round(global_sparsity, 6), ignore=ignore)
+    return config.model_dump(mode="json")
+
+
 def check_shape(name: str, out_features: int, in_features: int, spec: QuantSpec) -> None:
     """Refuse shapes vLLM's kernels cannot take. Group scales need in_features to split into
     whole groups (vLLM's Marlin and Machete kernels reject a partial group; they pad tile
@@ -146,6 +165,7 @@ class CheckpointWriter:
         self._ignored: list[str] = []
         self._files: dict[str, str] = {}
         self.tensor_bytes = 0
+        self._pruned = [0, 0]  # pruned weights, weights of pruned Linears
 
     def __enter__(self) -> "CheckpointWriter":
         self.tmp = self._dir_ctx.__enter__()
@@ -170,6 +190,9 @@ class CheckpointWriter:
 
     def add_linear(self, prefix: str, q: Quantized, input_scale: torch.Tensor | None = None) -> None:
         """One quantized Linear: its codes (packed as the format wants) plus their scales."""
+        if q.mask is not None:
+            self._pruned[0] += int(q.mask.sum())
+            self._pruned[1] += q.mask.numel()
         if self.format == "pack-quantized":
             bits = q.grid.spec.bits
             self.add(f"{prefix}.weight_packed", pack_int32(q.codes, bits))
@@ -219,6 +242,10 @@ class CheckpointWriter:
         config = json.loads((self.source / "config.json").read_text())
         ignore = sorted(set(self._ignored) | {"lm_head"})
         config["quantization_config"] = quantization_config(self.scheme, ignore)
+        if self.scheme.sparsity is not None:
+            pruned, total = self._pruned
+            config["quantization_config"]["sparsity_config"] = sparsity_config(
+                self.scheme, ignore, pruned / total if total else 0.0)
         (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         for f in sorted(self.source.iterdir()):
             if f.is_file() and f.name not in _WEIGHT_FILES and not f.name.endswith(_WEIGHT_SUFFIXES):

@@ -19,6 +19,7 @@ from .algorithms.gptq import gptq
 from .algorithms.kv_cache import kv_cache_scale
 from .attention import attention_modules, kv_hooks
 from .algorithms.rtn import rtn
+from .algorithms.sparsegpt import sparsegpt
 from .checkpoint import Checkpoint
 from .errors import LowbitError
 from .export import check_fused, check_shape
@@ -87,7 +88,7 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[torch.
 def needs_calibration(scheme: Scheme) -> bool:
     """Whether the scheme's result depends on calibration statistics at all."""
     return (scheme.algorithm == "gptq" or scheme.static_inputs or scheme.smoothing is not None
-            or scheme.kv_cache is not None)
+            or scheme.kv_cache is not None or scheme.sparsity is not None)
 
 
 def batch_equal_lengths(hidden: list[torch.Tensor], kwargs: list[list[dict]], size: int = 8):
@@ -148,7 +149,7 @@ class _SetStats:
 @torch.no_grad()
 def _collect(layer, targets, sets, hidden, kwargs, scheme: Scheme) -> dict[tuple, _SetStats]:
     """One forward of the layer over all samples with hooks on each fused set's input."""
-    gptq_needed = scheme.algorithm == "gptq"
+    gptq_needed = scheme.algorithm == "gptq" or scheme.sparsity is not None  # both need a Hessian
     stats = {s: _SetStats(AbsMax(per_channel=True),
                           Hessian(targets[s[0]].in_features) if gptq_needed else None, [])
              for s in sets}
@@ -174,15 +175,31 @@ def _solve(weights: dict[str, torch.Tensor], stats: _SetStats | None, grid, sche
            ) -> dict[str, Quantized]:
     """Quantize a fused set. GPTQ treats output rows independently given the shared input
     Hessian, so the members run as one stacked matrix: one column sweep instead of three."""
-    if scheme.algorithm != "gptq":
+    if scheme.sparsity is not None:
+        stacked = _prune(torch.cat(list(weights.values())), stats.hessian.mean(), grid, scheme)
+    elif scheme.algorithm != "gptq":
         return {n: rtn(w, grid) for n, w in weights.items()}
-    stacked = gptq(torch.cat(list(weights.values())), stats.hessian.mean(), grid,
-                   act_order=scheme.act_order, damp=scheme.damp)
+    else:
+        stacked = gptq(torch.cat(list(weights.values())), stats.hessian.mean(), grid,
+                       act_order=scheme.act_order, damp=scheme.damp)
     out, start = {}, 0
     for n, w in weights.items():
         out[n] = stacked.rows(start, start + w.shape[0])
         start += w.shape[0]
     return out
+
+
+def _prune(weight: torch.Tensor, H: torch.Tensor, grid, scheme: Scheme) -> Quantized:
+    """SparseGPT. With GPTQ the survivors are quantized in the same column sweep (joint mode);
+    with RTN the sweep prunes in float and the survivors are then rounded to nearest, a
+    per-tensor scale re-bound on the pruned weights (compensation can move their maximum)."""
+    options = dict(sparsity=scheme.sparsity, structure=scheme.sparsity_structure, damp=scheme.damp)
+    if scheme.algorithm == "gptq":
+        return sparsegpt(weight, H, grid, **options)[1]
+    pruned, _ = sparsegpt(weight, H, None, **options)
+    q = rtn(pruned, grid.bind(pruned))
+    q.mask = pruned == 0
+    return q
 
 
 @dataclass
@@ -314,7 +331,8 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
             if n not in targets:
                 writer.skip_linear(prefix + n)
         mine = [s for s in sets if s[0] in targets]
-        needs_stats = static_inputs or scheme.algorithm == "gptq" or scheme.smoothing is not None
+        needs_stats = (static_inputs or scheme.algorithm == "gptq" or scheme.smoothing is not None
+                       or scheme.sparsity is not None)
         stats = _collect(layer, targets, mine, hidden, kwargs[i], scheme) if needs_stats else {}
         quantized: dict[str, Quantized] = {}
         act_quant, input_scales, originals, replaced = {}, {}, {}, {}

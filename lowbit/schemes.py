@@ -48,6 +48,8 @@ class Scheme:
     act_order: bool = True  # GPTQ: visit columns by decreasing Hessian diagonal
     damp: float = 0.01  # GPTQ: dampening, a fraction of the Hessian's mean diagonal
     smoothing: float | str | None = None  # SmoothQuant strength alpha, "auto" (per layer), None
+    sparsity: float | None = None  # SparseGPT: fraction of each Linear's weights pruned, or None
+    sparsity_structure: str = "unstructured"  # "unstructured" | "2:4" (2 of every 4 inputs kept)
     ignore: tuple[str, ...] = ("lm_head",)
     description: str = ""
 
@@ -62,9 +64,18 @@ class Scheme:
 
     def with_options(self, *, group_size: int | None = None, algorithm: str | None = None,
                      kv_cache: str | None = None, kv_scale: str | None = None,
-                     smoothing: str | None = None) -> "Scheme":
-        """This scheme with another weight group size, algorithm or KV cache, validated."""
+                     smoothing: str | None = None, sparsity: float | None = None,
+                     sparsity_structure: str | None = None) -> "Scheme":
+        """This scheme with another weight group size, algorithm, KV cache or sparsity, validated."""
         scheme = self
+        if sparsity is not None or sparsity_structure is not None:
+            structure = sparsity_structure or ("2:4" if sparsity is None else "unstructured")
+            if sparsity is None and structure == "2:4":
+                sparsity = 0.5  # 2:4 says the fraction itself
+            if sparsity is None:
+                raise LowbitError(f"--sparsity-structure {structure} needs --sparsity (e.g. 0.5)")
+            check_sparsity(sparsity, structure)
+            scheme = dataclasses.replace(scheme, sparsity=sparsity, sparsity_structure=structure)
         if kv_cache is not None:
             if kv_cache not in KV_CACHES:
                 raise LowbitError(f"unknown KV cache format {kv_cache!r}; valid: {', '.join(KV_CACHES)}")
@@ -92,6 +103,18 @@ class Scheme:
 
 
 ALGORITHMS = ("rtn", "gptq")
+SPARSITY_STRUCTURES = ("unstructured", "2:4")
+
+
+def check_sparsity(sparsity: float, structure: str) -> None:
+    """A pruned fraction strictly inside (0, 1), and exactly half for 2:4."""
+    if structure not in SPARSITY_STRUCTURES:
+        raise LowbitError(f"unknown sparsity structure {structure!r}; valid: {', '.join(SPARSITY_STRUCTURES)}")
+    if not 0 < sparsity < 1:
+        raise LowbitError(f"--sparsity must be strictly between 0 and 1, got {sparsity}")
+    if structure == "2:4" and sparsity != 0.5:
+        raise LowbitError(f"2:4 sparsity prunes exactly half of the weights; --sparsity {sparsity} "
+                          "asks for another fraction (use 0.5, or --sparsity-structure unstructured)")
 
 
 def _parse_smoothing(text: str) -> float | str | None:

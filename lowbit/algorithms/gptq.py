@@ -3,9 +3,12 @@ rounding error onto the columns not yet quantized, weighted by the inverse Hessi
 layer's inputs, so the layer's *output* error on calibration data is what gets minimised.
 
 One implementation for every grid: the format only enters through grid.fit/encode/decode.
+`column_sweep` is the loop itself; SparseGPT (sparsegpt.py) runs the same loop with a mask.
 """
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 
@@ -25,6 +28,97 @@ def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
                           "use more calibration samples or a larger dampening") from None
 
 
+def _prepare(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 working copies; inputs that were always zero get H=1 and W=0 (any value works)."""
+    W = weight.detach().float().clone()  # [out, in]
+    H = hessian.detach().float().clone()  # [in, in]
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    return W, H
+
+
+# round(j, kept, W1, i, mask1) -> the value column j takes; see column_sweep
+RoundColumn = Callable[[int, torch.Tensor, torch.Tensor, int, "torch.Tensor | None"], torch.Tensor]
+# choose(W1 block, d) -> bool mask of the weights to prune (True = pruned)
+ChooseMask = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def column_sweep(W: torch.Tensor, U: torch.Tensor, round_column: RoundColumn, *, block: int,
+                 choose: ChooseMask | None = None, m: int = 0) -> torch.Tensor:
+    """The loop GPTQ and SparseGPT share, over W [out, in] in visiting order (updated in place)
+    with U, the upper Cholesky factor of H^-1 in the same order. Returns the mask of pruned
+    weights (all False without `choose`).
+
+    Column j becomes round_column(...) of its surviving values; the difference, divided by
+    U[j, j], is pushed onto the columns right of j through row j of U (the OBS update), inside
+    the block at once and onto the rest of W once per block (lazy batch updates).
+    SparseGPT: `choose` picks the mask by w^2 / U[j, j]^2 for the whole block on entering it;
+    with m > 0 (n:m) it picks again for each m columns on reaching them, on updated weights.
+    """
+    rows, cols = W.shape
+    pruned = torch.zeros(rows, cols, dtype=torch.bool, device=W.device)
+    d = U.diagonal()
+    for i1 in range(0, cols, block):
+        i2 = min(i1 + block, cols)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        mask1 = choose(W1, d[i1:i2]) if choose is not None else None
+        for i in range(i2 - i1):
+            if mask1 is not None and m and i % m == 0:
+                mask1[:, i:i + m] = choose(W1[:, i:i + m], d[i1 + i:i1 + i + m])
+            w = W1[:, i:i + 1]
+            kept = w if mask1 is None else w.masked_fill(mask1[:, i:i + 1], 0)
+            q = round_column(i1 + i, kept, W1, i, mask1)
+            err = (w - q) / U[i1 + i, i1 + i]  # [out, 1]
+            W1[:, i:] -= err @ U[i1 + i, i1 + i:i2][None, :]
+            E1[:, i] = err[:, 0]
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+        if mask1 is not None:
+            pruned[:, i1:i2] = mask1
+    return pruned
+
+
+def grid_rounding(grid: ScaleGrid, perm: torch.Tensor, params: dict[int, QParams],
+                  codes: torch.Tensor) -> RoundColumn:
+    """GPTQ's round_column: codes of the column on `grid`, written into `codes` (visiting
+    order). A group's parameters are fitted when the sweep enters it (storage order), on the
+    error-updated weights, with the weights to be pruned already zero (SparseGPT's joint mode:
+    prune, then quantize the survivors); `params` may hold them already (static groups)."""
+    g = grid.spec.group_size if grid.spec.granularity == "group" else None
+
+    def round_column(j, kept, W1, i, mask1):
+        c = int(perm[j])  # storage column
+        start = c - c % g if g else 0  # channel and tensor grids have one entry, fitted up front
+        if start not in params:
+            block = W1[:, i:i + g]
+            params[start] = grid.fit(block if mask1 is None else block.masked_fill(mask1[:, i:i + g], 0))
+        p = params[start]
+        q = grid.encode(kept, p)
+        codes[:, j] = q[:, 0]
+        return grid.decode(q, p).float()
+
+    return round_column
+
+
+def collect(codes: torch.Tensor, perm: torch.Tensor, params: dict[int, QParams], grid: ScaleGrid,
+            mask: torch.Tensor | None = None) -> Quantized:
+    """Codes back in storage order and the parameters in their export shape."""
+    out = torch.empty_like(codes)
+    out[:, perm] = codes
+    starts = sorted(params)
+    scale = torch.cat([params[s].scale for s in starts], dim=1) if len(starts) > 1 else params[0].scale
+    zeros = [params[s].zero for s in starts]
+    zero = None if zeros[0] is None else torch.cat(zeros, dim=1)
+    if grid.spec.granularity == "tensor":
+        scale = scale.reshape(1)
+    return Quantized(out, scale, grid, zero, mask)
+
+
+def code_dtype(grid: ScaleGrid) -> torch.dtype:
+    return torch.int8 if grid.spec.format == "int" else torch.float8_e4m3fn
+
+
 def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: ScaleGrid, *, block: int = 128,
          damp: float = 0.01, act_order: bool = True) -> Quantized:
     """Quantize weight [out, in] given the mean input Hessian X^T X / n [in, in].
@@ -36,13 +130,8 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: ScaleGrid, *, block:
     enters the group, on the error-updated weights. Lazy batch updates: errors are applied
     inside a block of columns at once and to the rest of the matrix once per block.
     """
-    W = weight.detach().float().clone()  # [out, in]
-    H = hessian.detach().float().clone()  # [in, in]
+    W, H = _prepare(weight, hessian)
     rows, cols = W.shape
-    dead = H.diagonal() == 0  # inputs that were always zero: any value works, use 0
-    H[dead, dead] = 1
-    W[:, dead] = 0
-
     spec = grid.spec
     g = spec.group_size if spec.granularity == "group" else cols
     params: dict[int, QParams] = {}  # first storage column of a group -> its parameters
@@ -54,33 +143,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: ScaleGrid, *, block:
     W, H = W[:, perm], H[perm][:, perm]
     U = _inverse_hessian_factor(H, damp)  # [in, in], upper
 
-    codes = torch.empty(rows, cols, dtype=torch.int8 if spec.format == "int" else torch.float8_e4m3fn,
-                        device=W.device)
+    codes = torch.empty(rows, cols, dtype=code_dtype(grid), device=W.device)
     block = max(g, block // g * g) if not act_order else block  # groups never straddle blocks
-    for i1 in range(0, cols, block):
-        i2 = min(i1 + block, cols)
-        W1 = W[:, i1:i2].clone()
-        E1 = torch.zeros_like(W1)
-        for i in range(i2 - i1):
-            c = int(perm[i1 + i])  # storage column
-            start = c - c % g
-            if start not in params:  # storage order: GPTQ just entered this group
-                params[start] = grid.fit(W1[:, i:i + g])
-            p = params[start]
-            w = W1[:, i:i + 1]
-            q = grid.encode(w, p)
-            codes[:, i1 + i] = q[:, 0]
-            err = (w - grid.decode(q, p).float()) / U[i1 + i, i1 + i]  # [out, 1]
-            W1[:, i:] -= err @ U[i1 + i, i1 + i:i2][None, :]
-            E1[:, i] = err[:, 0]
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
-
-    out = torch.empty_like(codes)
-    out[:, perm] = codes
-    starts = sorted(params)
-    scale = torch.cat([params[s].scale for s in starts], dim=1) if len(starts) > 1 else params[0].scale
-    zeros = [params[s].zero for s in starts]
-    zero = None if zeros[0] is None else torch.cat(zeros, dim=1)
-    if spec.granularity == "tensor":
-        scale = scale.reshape(1)
-    return Quantized(out, scale, grid, zero)
+    column_sweep(W, U, grid_rounding(grid, perm, params, codes), block=block)
+    return collect(codes, perm, params, grid)

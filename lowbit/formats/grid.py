@@ -199,6 +199,7 @@ class Quantized:
     scale: torch.Tensor  # tensor: [1]; channel: [out, 1]; group: [out, in // group_size]
     grid: ScaleGrid
     zero: torch.Tensor | None = None  # int8 codes, shaped like scale (asymmetric grids)
+    mask: torch.Tensor | None = None  # bool [out, in], True where a weight was pruned (SparseGPT)
 
     def params(self) -> QParams:
         """Parameters broadcast against the full [out, in] code matrix."""
@@ -218,4 +219,5 @@ class Quantized:
         """Output rows [start, end): one member of a fused set quantized as one matrix."""
         per_row = self.grid.spec.granularity != "tensor"
         return Quantized(self.codes[start:end], self.scale[start:end] if per_row else self.scale,
-                         self.grid, self.zero[start:end] if self.zero is not None else None)
+                         self.grid, self.zero[start:end] if self.zero is not None else None,
+                         self.mask[start:end] if self.mask is not None else None)
