@@ -54,7 +54,7 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
     checkpoint to `out`.
 
     Calibration uses `samples` records of at most `seq_len` tokens from `dataset` (its
-    calibration split), chosen by `seed`. `group_size` and `algorithm` ("rtn" or "gptq")
+    calibration split), chosen by `seed`. `group_size` and `algorithm` ("rtn", "gptq" or "mr-gptq")
     override the scheme's defaults. Returns a summary: scheme, timings, output size
     and the per-Linear relative output errors, worst first (also saved as OUT/lowbit_report.json).
     """

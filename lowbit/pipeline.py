@@ -18,6 +18,7 @@ from torch import nn
 from .algorithms.gptq import gptq
 from .algorithms.kv_cache import kv_cache_scale
 from .attention import attention_modules, kv_hooks
+from .algorithms.rotation import online_input, rotate_input, rotate_weight
 from .algorithms.rtn import rtn
 from .checkpoint import Checkpoint
 from .errors import LowbitError
@@ -89,7 +90,7 @@ REPORT_SAMPLES = 16  # calibration samples a data-free scheme still runs, for th
 
 def needs_calibration(scheme: Scheme) -> bool:
     """Whether the scheme's result depends on calibration statistics at all."""
-    return (scheme.algorithm == "gptq" or scheme.static_inputs or scheme.smoothing is not None
+    return (scheme.uses_gptq or scheme.static_inputs or scheme.smoothing is not None
             or scheme.kv_cache is not None)
 
 
@@ -151,14 +152,16 @@ class _SetStats:
 @torch.no_grad()
 def _collect(layer, targets, sets, hidden, kwargs, scheme: Scheme) -> dict[tuple, _SetStats]:
     """One forward of the layer over all samples with hooks on each fused set's input."""
-    gptq_needed = scheme.algorithm == "gptq"
+    gptq_needed = scheme.uses_gptq
+    rot = scheme.rotation_block
     stats = {s: _SetStats(AbsMax(per_channel=True),
                           Hessian(targets[s[0]].in_features) if gptq_needed else None, [])
              for s in sets}
 
     def observe(st: _SetStats):
         def hook(_module, args):
-            x = args[0]
+            # with MR-GPTQ the Linear reads x R: its Hessian (Rᵀ Hess R) and range are of x R
+            x = rotate_input(args[0], rot) if rot else args[0]
             st.amax.update(x)
             if st.hessian is not None:
                 st.hessian.update(x)
@@ -177,7 +180,7 @@ def _solve(weights: dict[str, torch.Tensor], stats: _SetStats | None, grid, sche
            ) -> dict[str, Quantized]:
     """Quantize a fused set. GPTQ treats output rows independently given the shared input
     Hessian, so the members run as one stacked matrix: one column sweep instead of three."""
-    if scheme.algorithm != "gptq":
+    if not scheme.uses_gptq:
         return {n: rtn(w, grid) for n, w in weights.items()}
     stacked = gptq(torch.cat(list(weights.values())), stats.hessian.mean(), grid,
                    act_order=scheme.act_order, damp=scheme.damp)
@@ -299,7 +302,7 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
             if n not in targets:
                 writer.skip_linear(prefix + n)
         mine = [s for s in sets if s[0] in targets]
-        needs_stats = static_inputs or scheme.algorithm == "gptq" or scheme.smoothing is not None
+        needs_stats = static_inputs or scheme.uses_gptq or scheme.smoothing is not None
         stats = _collect(layer, targets, mine, hidden, kwargs[i], scheme) if needs_stats else {}
         quantized: dict[str, Quantized] = {}
         act_quant, input_scales, originals, replaced = {}, {}, {}, {}
@@ -313,11 +316,16 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
             for n in s:
                 check_shape(prefix + n, *weights[n].shape, scheme.weights)
                 originals[n] = weights[n].to(dtype)  # reference for the error report
+            rot = scheme.rotation_block
+            if rot:  # MR-GPTQ: solve for W R; the stored weights stay rotated, inputs rotate online
+                weights = {n: rotate_weight(w, rot) for n, w in weights.items()}
+                grid = grid_for(scheme.weights, dtype).bind(torch.cat(list(weights.values())))
             quantized.update(_solve(weights, stats.get(s), grid, scheme))
-            if scheme.inputs is not None:
+            if scheme.inputs is not None or rot:
                 scale = _input_scale(scheme, stats[s].amax, dtype) if static_inputs else None
+                quant = activation_qdq(scheme.inputs, scale) if scheme.inputs is not None else None
                 for n in s:
-                    act_quant[n], input_scales[n] = activation_qdq(scheme.inputs, scale), scale
+                    act_quant[n], input_scales[n] = online_input(rot, quant), scale
         originals.update({n: m.weight for n, m in targets.items() if n not in originals})
         for n, q in quantized.items():
             targets[n].weight = nn.Parameter(q.dequantize().to(dtype), requires_grad=False)
