@@ -256,6 +256,9 @@ def resolve_group_size(ckpt: Checkpoint, scheme: Scheme) -> tuple[Scheme, str | 
               and not is_ignored(name[: -len(".weight")], scheme.ignore)}
     if all(w % spec.group_size == 0 for w in widths):
         return scheme, None
+    if spec.format != "int":  # FP4 group sizes are fixed by the format
+        raise LowbitError(f"{scheme.name} needs in_features divisible by its group size "
+                          f"{spec.group_size}; this model has {sorted(w for w in widths if w % spec.group_size)}")
     fits = [g for g in VLLM_GROUP_SIZES if g < spec.group_size and all(w % g == 0 for w in widths)]
     if not fits:
         raise LowbitError(f"group size {spec.group_size} does not divide the Linear input widths "

@@ -105,6 +105,9 @@ class Scheme:
             raise LowbitError(f"--algorithm mr-gptq rotates blocks of the weight group size, so it needs "
                               f"group-wise weights with a power-of-two group size; {self.name} has "
                               f"{scheme.weights.granularity} weights" + (f" in groups of {g}" if g else ""))
+        if scheme.algorithm == "mr-gptq" and scheme.smoothing is not None:
+            raise LowbitError("--algorithm mr-gptq rotates the inputs SmoothQuant would scale; "
+                              "use one of them (--smoothquant off)")
         return scheme
 
 

@@ -162,8 +162,14 @@ def _unknown_extension(src, out, data, tmp):
     return quantize_args(src, out, csv), "unknown extension '.csv'"
 
 
+def _mr_gptq_without_groups(src, out, data, tmp):
+    argv = ["quantize", src, out, "--scheme", "FP8", "--algorithm", "mr-gptq", "--dataset", data["jsonl"], *ARGS]
+    return argv, "power-of-two group size"
+
+
 @pytest.mark.parametrize("case", [_missing_model, _unknown_scheme, _existing_out, _seq_len_too_long,
-                                  _nothing_usable, _unknown_extension], ids=lambda c: c.__name__[1:])
+                                  _nothing_usable, _unknown_extension, _mr_gptq_without_groups],
+                         ids=lambda c: c.__name__[1:])
 def test_user_errors_are_one_line_with_exit_code_2_and_leave_nothing(case, tiny_dir, datasets, tmp_path):
     out = tmp_path / "work" / "out"
     out.parent.mkdir()

@@ -114,3 +114,8 @@ def test_mr_gptq_checkpoint_records_the_rotation_and_lowbit_applies_it(scheme, t
     (out / "config.json").write_text(json.dumps(config))
     unrotated = load_model(out)(input_ids=ids).logits
     assert err < 0.5 < ((unrotated - base).norm() / base.norm()).item()
+
+
+def test_mr_gptq_and_smoothquant_do_not_combine():
+    with pytest.raises(LowbitError, match="smoothquant"):
+        PRESETS["MXFP4"].with_options(algorithm="mr-gptq", smoothing="auto")
