@@ -211,3 +211,25 @@ def test_fp4_packing_matches_the_documented_layout_and_the_library():
 def test_fp4_packing_refuses_values_off_the_grid():
     with pytest.raises(ValueError, match="E2M1"):
         pack_fp4(torch.tensor([[0.75, 1.0]]).to(torch.float8_e4m3fn))
+
+
+@pytest.mark.parametrize("fmt", ["NVFP4", "MXFP4"])
+def test_runtime_activation_quantization_is_the_librarys(fmt):
+    """W4A4 inputs as compressed-tensors fake-quantizes them (what transformers and the
+    reference implementations compute), bit for bit: dynamic group scales, NVFP4 under the
+    calibrated global scale."""
+    import dataclasses
+
+    from compressed_tensors.quantization import quant_scheme
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+    from compressed_tensors.quantization.utils.helpers import compute_dynamic_scales_and_zp
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(8, 64, generator=g) * torch.logspace(-3, 1, 64)
+    x[1, :32] = 0
+    args = getattr(quant_scheme, fmt)["input_activations"]
+    gs = torch.tensor([448 * 6 / 5.0]) if fmt == "NVFP4" else None
+    s, z = compute_dynamic_scales_and_zp(x, args, module=None, global_scale=gs)
+    theirs = fake_quantize(x, s, z, args, global_scale=gs)
+    spec = NVFP4_G16 if fmt == "NVFP4" else dataclasses.replace(MXFP4_G32, dynamic=True)
+    assert torch.equal(activation_qdq(spec, gs)(x), theirs)
