@@ -33,15 +33,24 @@ _EPS_E4M3 = 0.125  # compressed-tensors replaces a zero runtime FP8 scale by thi
 def round_e2m1(scaled: torch.Tensor) -> torch.Tensor:
     """Nearest E2M1 value, ties to the even code, saturating at ±6; dtype float8_e4m3fn.
 
-    In units of 0.5 the grid below 2 is the integers (0..3) and above it every second integer
-    (4, 6, 8, 12), so round-half-even in the right unit gives ties to the even code.
+    The midpoints between neighbours decide; a value exactly on one goes to the even code,
+    which is the lower neighbour at 0.25, 1.25, 2.5, 5 and the upper one at 0.75, 1.75, 3.5.
     """
-    mag = scaled.abs().clamp(max=E2M1_MAX)
-    fine = torch.round(mag * 2) / 2  # step 0.5 on [0, 2]
-    mid = torch.round(mag) * 1.0  # step 1 on [2, 4]
-    top = torch.round(mag / 2) * 2  # step 2 on [4, 6]
-    r = torch.where(mag < 2, fine, torch.where(mag < 4, mid, top))
-    return torch.copysign(r, scaled).to(torch.float8_e4m3fn)
+    mag = scaled.abs()
+    index = torch.bucketize(mag, _midpoints(mag.dtype, mag.device))  # right=False: ties go down...
+    index += (mag == _UP_TIES.to(mag.dtype)[index.clamp(max=6)]).to(index.dtype)  # ...or up
+    values = torch.tensor(E2M1_VALUES, dtype=mag.dtype, device=mag.device)[index]
+    return torch.copysign(values, scaled).to(torch.float8_e4m3fn)
+
+
+_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
+# the midpoint above index i when a tie there rounds up to the even code (0.75, 1.75, 3.5);
+# -1 (never equal to a magnitude) where ties round down
+_UP_TIES = torch.tensor([-1.0, 0.75, -1.0, 1.75, -1.0, 3.5, -1.0], dtype=torch.float64)
+
+
+def _midpoints(dtype: torch.dtype, device) -> torch.Tensor:
+    return torch.tensor(_MIDPOINTS, dtype=dtype, device=device)
 
 
 def e8m0_value(exponent: torch.Tensor) -> torch.Tensor:
@@ -133,7 +142,7 @@ class FP4Grid:
             p = QParams(c)
             if len(cands) == 1:
                 return p
-            err = (self.decode(self.encode(block, p), p).double() - block.double()).pow(2).sum(-1, keepdim=True)
+            err = (self.decode(self._codes(block, p), p).double() - block.double()).pow(2).sum(-1, keepdim=True)
             if best is None:
                 best, best_err = c, err
             else:
@@ -147,6 +156,9 @@ class FP4Grid:
         codes every element as 0, which is what any consumer decodes it to."""
         if not torch.isfinite(x).all():
             raise ValueError("cannot quantize a tensor containing NaN or Inf")
+        return self._codes(x, p, work)
+
+    def _codes(self, x: torch.Tensor, p: "QParams", work: torch.dtype = torch.float64) -> torch.Tensor:
         u = self.unit(p.scale).to(work)
         return round_e2m1(torch.where(u > 0, x.to(work) / torch.where(u > 0, u, 1), 0))
 
