@@ -28,6 +28,8 @@ recipe = {
     "W8A8_INT8": [SmoothQuantModifier(smoothing_strength=0.8), GPTQModifier(scheme="W8A8", **common)],
     "FP8": [QuantizationModifier(scheme="FP8", **common)],
     "FP8_KV": [QuantizationModifier(scheme="FP8", kv_cache_scheme=kv, **common)],
+    "NVFP4": [GPTQModifier(scheme="NVFP4", **common)],
+    "NVFP4A16": [GPTQModifier(scheme="NVFP4A16", **common)],
 }[scheme]
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
 oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=len(tokens),

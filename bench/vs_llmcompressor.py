@@ -29,6 +29,8 @@ LOWBIT = {
     "W8A8_INT8": ["--scheme", "W8A8_INT8", "--algorithm", "gptq"],  # AutoSmoothQuant + GPTQ
     "FP8": ["--scheme", "FP8"],
     "FP8_KV": ["--scheme", "FP8", "--kv-cache", "fp8"],
+    "NVFP4": ["--scheme", "NVFP4", "--algorithm", "gptq"],  # W4A4, GPTQ on both sides
+    "NVFP4A16": ["--scheme", "NVFP4A16", "--algorithm", "gptq"],
 }
 
 

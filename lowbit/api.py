@@ -73,7 +73,7 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
     checkpoint to `out`.
 
     Calibration uses `samples` records of at most `seq_len` tokens from `dataset` (its
-    calibration split), chosen by `seed`. `group_size` and `algorithm` ("rtn" or "gptq")
+    calibration split), chosen by `seed`. `group_size` and `algorithm` ("rtn", "gptq" or "mr-gptq")
     override the scheme's defaults. `sparsity` (a fraction in (0, 1)) with `sparsity_structure`
     ("unstructured" or "2:4") prunes every quantized Linear with SparseGPT first. `device` runs
     the layers, statistics and solvers on a GPU ("auto": a GPU when torch sees one). Returns a

@@ -130,9 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights share a scale per G input columns (INT schemes; default: the "
                    "scheme's, 128 for W4A16). If G does not divide a layer's width, the largest "
                    "vLLM-supported size that does is used, and reported")
-    q.add_argument("--algorithm", choices=["rtn", "gptq"],
+    q.add_argument("--algorithm", choices=["rtn", "gptq", "mr-gptq"],
                    help="rtn: round to nearest; gptq: error-compensating, uses calibration "
-                   "Hessians (default: the scheme's: gptq for W4A16/W4A16_ASYM/W8A16, else rtn)")
+                   "Hessians; mr-gptq: GPTQ on weights rotated by block-wise Hadamards of the "
+                   "group size, inputs rotated online (recorded in transform_config; group-wise "
+                   "schemes, meant for NVFP4/MXFP4) (default: the scheme's: gptq for W4A16, "
+                   "W4A16_ASYM, W8A16 and the FP4 schemes, else rtn)")
     q.add_argument("--smoothquant", metavar="ALPHA|auto|off",
                    help="SmoothQuant: fold a per-channel scale from activations into weights and "
                    "the preceding norm; auto searches the strength per layer for the smallest "

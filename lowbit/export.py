@@ -16,13 +16,14 @@ from pathlib import Path
 import torch
 from compressed_tensors.config import DenseSparsityConfig
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
+from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
 from safetensors.torch import save_file
 
 import compressed_tensors
 
 from .errors import LowbitError
 from .formats.grid import Quantized
-from .formats.pack import pack_int32
+from .formats.pack import pack_fp4, pack_int32
 from .outdir import atomic_dir
 from .schemes import QuantSpec, Scheme
 
@@ -38,8 +39,19 @@ def _umask() -> int:
     return mask
 
 
-def quant_args(spec: QuantSpec, actorder: str | None = None) -> QuantizationArgs:
-    """Our QuantSpec as the library's QuantizationArgs (what vLLM parses)."""
+def quant_args(spec: QuantSpec, inputs: bool = False, actorder: str | None = None) -> QuantizationArgs:
+    """Our QuantSpec (of weights, or of `inputs`) as the library's QuantizationArgs (what vLLM parses)."""
+    if spec.format in ("nvfp4", "mxfp4"):
+        # as the library's NVFP4/MXFP4 presets: NVFP4 is "tensor_group" (group scales under a
+        # global scale; inputs: calibrated global, group scales at run time = dynamic "local")
+        nv = spec.format == "nvfp4"
+        scale_dtype = torch.float8_e4m3fn if nv else torch.uint8
+        return QuantizationArgs(
+            num_bits=4, type="float", symmetric=True, group_size=spec.group_size,
+            strategy="tensor_group" if nv else "group",
+            dynamic="local" if nv and inputs else spec.dynamic,
+            scale_dtype=scale_dtype, zp_dtype=scale_dtype,
+        )
     return QuantizationArgs(
         num_bits=spec.bits,
         type="float" if spec.format == "fp8" else "int",
@@ -74,6 +86,8 @@ def compression_format(scheme: Scheme) -> str:
         return "int-quantized"
     if w.format == "int" and scheme.inputs is None:
         return "pack-quantized"  # vLLM's WNA16 kernels read only this format
+    if w.format in ("nvfp4", "mxfp4"):
+        return f"{w.format}-pack-quantized"
     raise LowbitError(f"no compressed-tensors export for scheme {scheme.name}")
 
 
@@ -83,8 +97,8 @@ def quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
         config_groups={
             "group_0": QuantizationScheme(
                 targets=["Linear"],
-                weights=quant_args(scheme.weights, weight_actorder(scheme)),
-                input_activations=quant_args(scheme.inputs) if scheme.inputs else None,
+                weights=quant_args(scheme.weights, actorder=weight_actorder(scheme)),
+                input_activations=quant_args(scheme.inputs, inputs=True) if scheme.inputs else None,
             )
         },
         format=compression_format(scheme),
@@ -92,10 +106,21 @@ def quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
         ignore=ignore,
         kv_cache_scheme=quant_args(scheme.kv_cache) if scheme.kv_cache else None,
     )
-    return {
-        "version": compressed_tensors.__version__,
-        **config.model_dump(mode="json"),
-    }
+    out = {"version": compressed_tensors.__version__, **config.model_dump(mode="json")}
+    if scheme.rotation_block:
+        out["transform_config"] = transform_config(scheme.rotation_block, ignore)
+    return out
+
+
+def transform_config(block: int, ignore: list[str]) -> dict:
+    """MR-GPTQ's rotation as the library's TransformConfig: a block-diagonal Hadamard (head_dim =
+    block) that runtimes apply online to every quantized Linear's input, and its inverse on the
+    weight's input side, fused offline (W -> W R): x R (W R)ᵀ = x Wᵀ."""
+    scheme = TransformScheme(type="hadamard", head_dim=block, apply=[
+        TransformArgs(targets=["Linear"], location="input", ignore=ignore),
+        TransformArgs(targets=["Linear"], location="weight_input", inverse=True, ignore=ignore),
+    ])
+    return TransformConfig(config_groups={"micro_rotation": scheme}).model_dump(mode="json")
 
 
 def sparsity_config(scheme: Scheme, ignore: list[str], global_sparsity: float) -> dict:
@@ -193,7 +218,11 @@ class CheckpointWriter:
         if q.mask is not None:
             self._pruned[0] += int(q.mask.sum())
             self._pruned[1] += q.mask.numel()
-        if self.format == "pack-quantized":
+        if self.format in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
+            self.add(f"{prefix}.weight_packed", pack_fp4(q.codes))
+            if q.grid.tensor_scale is not None:  # NVFP4: reciprocal global scale, float32 [1]
+                self.add(f"{prefix}.weight_global_scale", q.grid.tensor_scale.float().reshape(1).clone())
+        elif self.format == "pack-quantized":
             bits = q.grid.spec.bits
             self.add(f"{prefix}.weight_packed", pack_int32(q.codes, bits))
             self.add(f"{prefix}.weight_shape", torch.tensor(q.codes.shape, dtype=torch.int64))
@@ -204,7 +233,9 @@ class CheckpointWriter:
         # fused Linears share one scale tensor; each gets its own copy on disk
         self.add(f"{prefix}.weight_scale", q.scale.clone())
         if input_scale is not None:
-            self.add(f"{prefix}.input_scale", input_scale.clone())
+            # an NVFP4 input's calibrated scale is its global scale; group scales come at run time
+            name = "input_global_scale" if self.format == "nvfp4-pack-quantized" else "input_scale"
+            self.add(f"{prefix}.{name}", input_scale.clone())
 
     def skip_linear(self, name: str) -> None:
         """A Linear left unquantized: listed in the config's ignore list."""

@@ -18,6 +18,7 @@ from torch import nn
 from .algorithms.gptq import gptq
 from .algorithms.kv_cache import kv_cache_scale
 from .attention import attention_modules, kv_hooks
+from .algorithms.rotation import online_input, rotate_input, rotate_weight
 from .algorithms.rtn import rtn
 from .algorithms.sparsegpt import sparsegpt
 from .checkpoint import Checkpoint
@@ -87,7 +88,7 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[torch.
 
 def needs_calibration(scheme: Scheme) -> bool:
     """Whether the scheme's result depends on calibration statistics at all."""
-    return (scheme.algorithm == "gptq" or scheme.static_inputs or scheme.smoothing is not None
+    return (scheme.uses_gptq or scheme.static_inputs or scheme.smoothing is not None
             or scheme.kv_cache is not None or scheme.sparsity is not None)
 
 
@@ -149,14 +150,16 @@ class _SetStats:
 @torch.no_grad()
 def _collect(layer, targets, sets, hidden, kwargs, scheme: Scheme) -> dict[tuple, _SetStats]:
     """One forward of the layer over all samples with hooks on each fused set's input."""
-    gptq_needed = scheme.algorithm == "gptq" or scheme.sparsity is not None  # both need a Hessian
+    gptq_needed = scheme.uses_gptq or scheme.sparsity is not None  # both need a Hessian
+    rot = scheme.rotation_block
     stats = {s: _SetStats(AbsMax(per_channel=True),
                           Hessian(targets[s[0]].in_features) if gptq_needed else None, [])
              for s in sets}
 
     def observe(st: _SetStats):
         def hook(_module, args):
-            x = args[0]
+            # with MR-GPTQ the Linear reads x R: its Hessian (Rᵀ Hess R) and range are of x R
+            x = rotate_input(args[0], rot) if rot else args[0]
             st.amax.update(x)
             if st.hessian is not None:
                 st.hessian.update(x)
@@ -177,7 +180,7 @@ def _solve(weights: dict[str, torch.Tensor], stats: _SetStats | None, grid, sche
     Hessian, so the members run as one stacked matrix: one column sweep instead of three."""
     if scheme.sparsity is not None:
         stacked = _prune(torch.cat(list(weights.values())), stats.hessian.mean(), grid, scheme)
-    elif scheme.algorithm != "gptq":
+    elif not scheme.uses_gptq:
         return {n: rtn(w, grid) for n, w in weights.items()}
     else:
         stacked = gptq(torch.cat(list(weights.values())), stats.hessian.mean(), grid,
@@ -194,7 +197,7 @@ def _prune(weight: torch.Tensor, H: torch.Tensor, grid, scheme: Scheme) -> Quant
     with RTN the sweep prunes in float and the survivors are then rounded to nearest, a
     per-tensor scale re-bound on the pruned weights (compensation can move their maximum)."""
     options = dict(sparsity=scheme.sparsity, structure=scheme.sparsity_structure, damp=scheme.damp)
-    if scheme.algorithm == "gptq":
+    if scheme.uses_gptq:
         return sparsegpt(weight, H, grid, **options)[1]
     pruned, _ = sparsegpt(weight, H, None, **options)
     q = rtn(pruned, grid.bind(pruned))
@@ -274,6 +277,9 @@ def resolve_group_size(ckpt: Checkpoint, scheme: Scheme) -> tuple[Scheme, str | 
               and not is_ignored(name[: -len(".weight")], scheme.ignore)}
     if all(w % spec.group_size == 0 for w in widths):
         return scheme, None
+    if spec.format != "int":  # FP4 group sizes are fixed by the format
+        raise LowbitError(f"{scheme.name} needs in_features divisible by its group size "
+                          f"{spec.group_size}; this model has {sorted(w for w in widths if w % spec.group_size)}")
     fits = [g for g in VLLM_GROUP_SIZES if g < spec.group_size and all(w % g == 0 for w in widths)]
     if not fits:
         raise LowbitError(f"group size {spec.group_size} does not divide the Linear input widths "
@@ -331,7 +337,7 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
             if n not in targets:
                 writer.skip_linear(prefix + n)
         mine = [s for s in sets if s[0] in targets]
-        needs_stats = (static_inputs or scheme.algorithm == "gptq" or scheme.smoothing is not None
+        needs_stats = (static_inputs or scheme.uses_gptq or scheme.smoothing is not None
                        or scheme.sparsity is not None)
         stats = _collect(layer, targets, mine, hidden, kwargs[i], scheme) if needs_stats else {}
         quantized: dict[str, Quantized] = {}
@@ -346,11 +352,16 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
             for n in s:
                 check_shape(prefix + n, *weights[n].shape, scheme.weights)
                 originals[n] = weights[n].to(dtype)  # reference for the error report
+            rot = scheme.rotation_block
+            if rot:  # MR-GPTQ: solve for W R; the stored weights stay rotated, inputs rotate online
+                weights = {n: rotate_weight(w, rot) for n, w in weights.items()}
+                grid = grid_for(scheme.weights, dtype).bind(torch.cat(list(weights.values())))
             quantized.update(_solve(weights, stats.get(s), grid, scheme))
-            if scheme.inputs is not None:
+            if scheme.inputs is not None or rot:
                 scale = _input_scale(scheme, stats[s].amax, dtype) if static_inputs else None
+                quant = activation_qdq(scheme.inputs, scale) if scheme.inputs is not None else None
                 for n in s:
-                    act_quant[n], input_scales[n] = activation_qdq(scheme.inputs, scale), scale
+                    act_quant[n], input_scales[n] = online_input(rot, quant), scale
         originals.update({n: m.weight for n, m in targets.items() if n not in originals})
         for n, q in quantized.items():
             targets[n].weight = nn.Parameter(q.dequantize().to(dtype), requires_grad=False)

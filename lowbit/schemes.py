@@ -12,10 +12,12 @@ from .errors import LowbitError
 class QuantSpec:
     """How one kind of tensor is stored.
 
-    format: "int" or "fp8" (the number family); bits: code width;
+    format: "int", "fp8", "nvfp4" or "mxfp4" (the number family); bits: code width;
     granularity: "tensor" (one scale), "channel" (one per output row), "group"
     (one per `group_size` input columns of a row) or "token" (one per activation row);
-    dynamic: scales computed at run time from the tensor itself (activations only).
+    dynamic: scales computed at run time from the tensor itself (activations only). NVFP4
+    inputs are not dynamic: their group scales are computed at run time, but under a global
+    scale calibrated offline (compressed-tensors' dynamic "local").
     """
 
     format: str
@@ -44,7 +46,7 @@ class Scheme:
     inputs: QuantSpec | None = None
     kv_cache: QuantSpec | None = None
     kv_scale: str = "calibrated"  # "calibrated" (K and V share amax/448) | "unit" (1.0)
-    algorithm: str = "rtn"  # "rtn" | "gptq"
+    algorithm: str = "rtn"  # "rtn" | "gptq" | "mr-gptq" (GPTQ after block-wise Hadamard rotation)
     act_order: bool = True  # GPTQ: visit columns by decreasing Hessian diagonal
     damp: float = 0.01  # GPTQ: dampening, a fraction of the Hessian's mean diagonal
     smoothing: float | str | None = None  # SmoothQuant strength alpha, "auto" (per layer), None
@@ -52,6 +54,16 @@ class Scheme:
     sparsity_structure: str = "unstructured"  # "unstructured" | "2:4" (2 of every 4 inputs kept)
     ignore: tuple[str, ...] = ("lm_head",)
     description: str = ""
+
+    @property
+    def uses_gptq(self) -> bool:
+        """Whether weights are solved by GPTQ (and so need input Hessians)."""
+        return self.algorithm in ("gptq", "mr-gptq")
+
+    @property
+    def rotation_block(self) -> int | None:
+        """MR-GPTQ: the Hadamard block, which equals the weight group size; None without rotation."""
+        return self.weights.group_size if self.algorithm == "mr-gptq" else None
 
     @property
     def static_inputs(self) -> bool:
@@ -99,10 +111,18 @@ class Scheme:
                 raise LowbitError(f"--group-size must be positive, got {group_size}")
             weights = dataclasses.replace(scheme.weights, granularity="group", group_size=group_size)
             scheme = dataclasses.replace(scheme, weights=weights)
+        g = scheme.weights.group_size
+        if scheme.algorithm == "mr-gptq" and (scheme.weights.granularity != "group" or g & (g - 1)):
+            raise LowbitError(f"--algorithm mr-gptq rotates blocks of the weight group size, so it needs "
+                              f"group-wise weights with a power-of-two group size; {self.name} has "
+                              f"{scheme.weights.granularity} weights" + (f" in groups of {g}" if g else ""))
+        if scheme.algorithm == "mr-gptq" and scheme.smoothing is not None:
+            raise LowbitError("--algorithm mr-gptq rotates the inputs SmoothQuant would scale; "
+                              "use one of them (--smoothquant off)")
         return scheme
 
 
-ALGORITHMS = ("rtn", "gptq")
+ALGORITHMS = ("rtn", "gptq", "mr-gptq")
 SPARSITY_STRUCTURES = ("unstructured", "2:4")
 
 
@@ -135,6 +155,8 @@ INT4_G128 = QuantSpec("int", 4, "group", group_size=128)
 # vLLM accepts only FP8, per-tensor, symmetric, static KV-cache schemes
 KV_CACHES = {"fp8": FP8_TENSOR}
 FP8_CHANNEL = QuantSpec("fp8", 8, "channel")
+NVFP4_G16 = QuantSpec("nvfp4", 4, "group", group_size=16)
+MXFP4_G32 = QuantSpec("mxfp4", 4, "group", group_size=32)
 
 PRESETS: dict[str, Scheme] = {
     "FP8": Scheme(
@@ -179,6 +201,34 @@ PRESETS: dict[str, Scheme] = {
         inputs=QuantSpec("int", 8, "token", dynamic=True),
         smoothing="auto",
         description="INT8 per-channel weights, INT8 per-token inputs at run time, AutoSmoothQuant",
+    ),
+    "NVFP4": Scheme(
+        "NVFP4",
+        weights=NVFP4_G16,
+        inputs=NVFP4_G16,
+        algorithm="gptq",
+        description="W4A4 NVFP4: E2M1 weights and inputs in groups of 16 with FP8 E4M3 group scales "
+        "under an FP32 global scale (inputs: calibrated global, group scales at run time), GPTQ",
+    ),
+    "NVFP4A16": Scheme(
+        "NVFP4A16",
+        weights=NVFP4_G16,
+        algorithm="gptq",
+        description="NVFP4 weights only (E2M1, group 16, E4M3 scales, FP32 global scale), GPTQ",
+    ),
+    "MXFP4": Scheme(
+        "MXFP4",
+        weights=MXFP4_G32,
+        inputs=dataclasses.replace(MXFP4_G32, dynamic=True),
+        algorithm="gptq",
+        description="W4A4 MXFP4: E2M1 weights and inputs in groups of 32 with power-of-two E8M0 "
+        "scales (inputs' at run time), GPTQ; --algorithm mr-gptq adds Hadamard rotations",
+    ),
+    "MXFP4A16": Scheme(
+        "MXFP4A16",
+        weights=MXFP4_G32,
+        algorithm="gptq",
+        description="MXFP4 weights only (E2M1, group 32, E8M0 scales), GPTQ",
     ),
 }
 

@@ -172,8 +172,14 @@ def _gpu_missing(src, out, data, tmp):
     return quantize_args(src, out, data["jsonl"], "--device", "cuda"), "torch sees no CUDA GPU"
 
 
+def _mr_gptq_without_groups(src, out, data, tmp):
+    argv = ["quantize", src, out, "--scheme", "FP8", "--algorithm", "mr-gptq", "--dataset", data["jsonl"], *ARGS]
+    return argv, "power-of-two group size"
+
+
 @pytest.mark.parametrize("case", [_missing_model, _unknown_scheme, _existing_out, _seq_len_too_long,
-                                  _nothing_usable, _unknown_extension, _unknown_device, _gpu_missing],
+                                  _nothing_usable, _unknown_extension, _unknown_device, _gpu_missing,
+                                  _mr_gptq_without_groups],
                          ids=lambda c: c.__name__[1:])
 def test_user_errors_are_one_line_with_exit_code_2_and_leave_nothing(case, tiny_dir, datasets, tmp_path):
     out = tmp_path / "work" / "out"

@@ -42,9 +42,10 @@ def samples(n=4, length=32, seed=0):
     return [torch.randint(4, 256, (length,), generator=g) for _ in range(n)]
 
 
-def write_quantized(src: Path, out: Path, scheme: str, shard_bytes: int = 512 * 2**20) -> Path:
-    s = PRESETS[scheme]
-    if s.weights.granularity == "group":
+def write_quantized(src: Path, out: Path, scheme: str, shard_bytes: int = 512 * 2**20,
+                    algorithm: str | None = None) -> Path:
+    s = PRESETS[scheme].with_options(algorithm=algorithm)
+    if s.weights.format == "int" and s.weights.granularity == "group":
         s = s.with_options(group_size=32)  # tiny widths are 64 and 128
     ckpt = Checkpoint(src)
     try:

@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from ..schemes import QuantSpec
+from .fp4 import FP4Grid
 from .fp8 import E4M3_MAX, round_e4m3
 from .int import int_range, round_int
 
@@ -152,9 +153,10 @@ class AffineGrid(ScaleGrid):
 
 
 INT_SHRINK = tuple(1 - 0.02 * i for i in range(16))  # 1.00, 0.98, ..., 0.70
+FP4_SHRINK = tuple(1 - 0.05 * i for i in range(7))  # 1.00, 0.95, ..., 0.70 (NVFP4 group scales)
 
 
-def grid_for(spec: QuantSpec, scale_dtype: torch.dtype = torch.float32) -> ScaleGrid:
+def grid_for(spec: QuantSpec, scale_dtype: torch.dtype = torch.float32) -> ScaleGrid | FP4Grid:
     """The one place a spec's format becomes numerics."""
     match spec.format, spec.bits, spec.symmetric:
         case "fp8", 8, True:
@@ -166,12 +168,19 @@ def grid_for(spec: QuantSpec, scale_dtype: torch.dtype = torch.float32) -> Scale
                              shrink=shrink)
         case "int", bits, False if 2 <= bits <= 8 and spec.granularity != "tensor":
             return AffineGrid(spec, float(int_range(bits)[1]), lambda s: round_int(s, bits), scale_dtype)
+        # FP4 group scales have a stored dtype of their own (E4M3, E8M0): scale_dtype does not apply
+        case "nvfp4", 4, True if spec.granularity == "group":
+            return FP4Grid(spec, "e4m3", shrink=FP4_SHRINK)
+        case "mxfp4", 4, True if spec.granularity == "group":
+            return FP4Grid(spec, "e8m0", shrink=(1.0, 2.0))  # >1 candidate: floor and ceil exponent
     raise NotImplementedError(f"no numerics for {spec}")
 
 
 def qdq(grid: ScaleGrid, x: torch.Tensor, p: QParams | None = None) -> torch.Tensor:
-    """Quantize-dequantize activations x[..., features] (p=None: dynamic, fitted per row)."""
-    flat = x.reshape(-1, x.shape[-1])
+    """Quantize-dequantize activations x[..., features] (p=None: dynamic, fitted per row, or per
+    group of `group_size` features for group specs)."""
+    g = grid.spec.group_size if grid.spec.granularity == "group" else x.shape[-1]
+    flat = x.reshape(-1, g)
     p = grid.fit(flat) if p is None else p
     codes = grid.encode(flat, p, torch.float32, check=False)
     if p.zero is None and p.scale.numel() == 1 and p.scale.to(x.dtype).float() == p.scale:
@@ -184,11 +193,15 @@ def qdq(grid: ScaleGrid, x: torch.Tensor, p: QParams | None = None) -> torch.Ten
 def activation_qdq(spec: QuantSpec, scale: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> quantize-dequantize(x) as a runtime computes it: with the stored static per-tensor
     `scale`, or (dynamic specs) with float32 scales fitted to each token at run time."""
-    grid = grid_for(spec)
+    # runtime scales follow the serving engine's rule: no clipped-range search
+    grid = dataclasses.replace(grid_for(spec), shrink=(1.0,))
     if spec.dynamic:
         return lambda x: qdq(grid, x)
-    p = QParams(scale.float().reshape(1, 1))
-    return lambda x: qdq(grid, x, p)
+    if spec.granularity == "tensor":
+        p = QParams(scale.float().reshape(1, 1))
+        return lambda x: qdq(grid, x, p)
+    grid = dataclasses.replace(grid, tensor_scale=scale.float().reshape(1))  # NVFP4 global scale
+    return lambda x: qdq(grid, x)
 
 
 @dataclass

@@ -4,6 +4,7 @@ or per token) exactly as a serving engine computes them."""
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from pathlib import Path
 
@@ -13,14 +14,21 @@ from torch import nn
 from ..attention import attention_modules, install_kv_hooks
 from ..checkpoint import Checkpoint
 from ..errors import LowbitError
+from ..algorithms.rotation import online_input
 from ..formats.grid import Quantized, activation_qdq, grid_for
-from ..formats.pack import unpack_int32
+from ..formats.pack import unpack_fp4, unpack_int32
 from ..schemes import QuantSpec
 
 
 def spec_from_args(args: dict) -> QuantSpec:
     """A compressed-tensors QuantizationArgs dict as our QuantSpec."""
     kind = {"float": "fp8", "int": "int"}.get(args.get("type"))
+    if kind == "fp8" and args.get("num_bits") == 4:  # microscaling FP4: the group size names it
+        kind = {16: "nvfp4", 32: "mxfp4"}.get(args.get("group_size"))
+        if kind is None:
+            raise LowbitError(f"unsupported FP4 quantization args in checkpoint: {args}")
+        # NVFP4 inputs are "local": run-time group scales under a stored global scale
+        return QuantSpec(kind, 4, "group", args["group_size"], True, args.get("dynamic") is True)
     if kind is None or (kind == "fp8" and args.get("num_bits") != 8):
         raise LowbitError(f"unsupported quantization args in checkpoint: {args}")
     if args.get("actorder") in ("group", "dynamic"):
@@ -41,9 +49,35 @@ def _scheme_for(name: str, module: nn.Module, qcfg: dict) -> dict | None:
     return None
 
 
+def _rotation_block(name: str, module: nn.Module, qcfg: dict) -> int | None:
+    """The Hadamard block a runtime applies online to this Linear's input (transform_config's
+    "input" transforms; the "weight_input" ones are already fused into the stored weights)."""
+    block = None
+    for scheme in (qcfg.get("transform_config") or {}).get("config_groups", {}).values():
+        for args in scheme.get("apply", []):
+            if args["location"] != "input" or not isinstance(module, nn.Linear):
+                continue
+            if _matches(name, module, args.get("ignore", [])) or not _matches(name, module, args["targets"]):
+                continue
+            if scheme["type"] != "hadamard" or args.get("inverse") or not scheme.get("head_dim") or block:
+                raise LowbitError(f"{name}: unsupported transform in transform_config: {scheme}")
+            block = scheme["head_dim"]
+    return block
+
+
+def _matches(name: str, module: nn.Module, patterns: list[str]) -> bool:
+    return any(p == name or (p == "Linear" and isinstance(module, nn.Linear))
+               or (p.startswith("re:") and re.match(p[3:], name)) for p in patterns)
+
+
 def _stored(ckpt: Checkpoint, name: str, spec: QuantSpec) -> Quantized:
     """A Linear's codes and parameters as written (plain, or pack-quantized into int32)."""
     scale = ckpt.tensor(f"{name}.weight_scale")
+    if spec.format in ("nvfp4", "mxfp4"):
+        grid = grid_for(spec)
+        if f"{name}.weight_global_scale" in ckpt.files:
+            grid = dataclasses.replace(grid, tensor_scale=ckpt.tensor(f"{name}.weight_global_scale").float())
+        return Quantized(unpack_fp4(ckpt.tensor(f"{name}.weight_packed")), scale, grid)
     if f"{name}.weight_packed" not in ckpt.files:
         return Quantized(ckpt.tensor(f"{name}.weight"), scale, grid_for(spec))
     shape = tuple(ckpt.tensor(f"{name}.weight_shape").tolist())
@@ -85,11 +119,16 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
                     module.weight = nn.Parameter(q.dequantize().to(dtype), requires_grad=False)
                 else:
                     ckpt.materialize_param(module, pname, full, dtype)
+            quant = None
             if group is not None and group.get("input_activations"):
                 spec = spec_from_args(group["input_activations"])
-                scale = None if spec.dynamic else ckpt.tensor(f"{name}.input_scale")
-                qdq = activation_qdq(spec, scale)
-                module.register_forward_pre_hook(lambda m, a, f=qdq: (f(a[0]),))
+                stored = "input_global_scale" if spec.format == "nvfp4" else "input_scale"
+                scale = None if spec.dynamic else ckpt.tensor(f"{name}.{stored}")
+                quant = activation_qdq(spec, scale)
+            rot = _rotation_block(name, module, qcfg) if qcfg else None
+            f = online_input(rot, quant)
+            if f is not None:
+                module.register_forward_pre_hook(lambda m, a, f=f: (f(a[0]),))
         if tied:
             model.get_output_embeddings().weight = model.get_input_embeddings().weight
         if qcfg and qcfg.get("kv_cache_scheme"):
