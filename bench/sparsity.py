@@ -65,8 +65,9 @@ def magnitude_2of4(src: Path, out: Path) -> Path:
 
 
 def lowbit(*args: str) -> dict:
-    done = subprocess.run([sys.executable, "-m", "lowbit", *args, "--json"], check=True,
-                          capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "lowbit", *args, "--json"], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"lowbit {' '.join(args)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout)
 
 
