@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from . import data
+from . import data, distributed
 from .checkpoint import Checkpoint, load_tokenizer
 from .errors import LowbitError
 from .export import CheckpointWriter
@@ -74,7 +74,7 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
             notices.append(f"{scheme.name} with {scheme.algorithm} needs no calibration data; "
                            f"{REPORT_SAMPLES} samples run for the error report only")
             samples = REPORT_SAMPLES
-        for n in notices:
+        for n in notices if distributed.is_main() else ():
             log.warning(n)
         _check_seq_len(ckpt, seq_len)
         tokenizer = ckpt.tokenizer()
@@ -83,7 +83,10 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
         source, dropped = records.source, records.dropped
         del records  # the parsed dataset (hundreds of MB for ShareGPT) is not needed past here
         _release_memory()
-        with CheckpointWriter(out, ckpt.path, scheme, overwrite=overwrite) as writer:
+        # under torchrun every rank calibrates on its share of the samples; rank 0 writes
+        writer = CheckpointWriter(out, ckpt.path, scheme, overwrite=overwrite) \
+            if distributed.is_main() else distributed.Discard()
+        with writer:
             layers = quantize_layers(ckpt, scheme, batches, writer)
             worst = sorted(layers, key=lambda r: -r["rel_error"])
             summary = {

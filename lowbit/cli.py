@@ -58,12 +58,17 @@ def _print_eval(r: dict) -> None:
 
 
 def _cmd_quantize(a: argparse.Namespace) -> None:
-    from . import api
+    from . import api, distributed
 
-    s = api.quantize(a.model, a.out, a.scheme, dataset=a.dataset, samples=a.samples,
-                     seq_len=a.seq_len, ignore=a.ignore, seed=a.seed, group_size=a.group_size,
-                     algorithm=a.algorithm, kv_cache=a.kv_cache, kv_scale=a.kv_scale,
-                     smoothquant=a.smoothquant, overwrite=a.overwrite)
+    with distributed.from_env():  # torchrun --nproc-per-node K -m lowbit quantize ...
+        if not distributed.is_main():  # rank 0 speaks for all
+            logging.getLogger("lowbit").setLevel(logging.ERROR)
+        s = api.quantize(a.model, a.out, a.scheme, dataset=a.dataset, samples=a.samples,
+                         seq_len=a.seq_len, ignore=a.ignore, seed=a.seed, group_size=a.group_size,
+                         algorithm=a.algorithm, kv_cache=a.kv_cache, kv_scale=a.kv_scale,
+                         smoothquant=a.smoothquant, overwrite=a.overwrite)
+        if not distributed.is_main():
+            return
     print(json.dumps(s, indent=2)) if a.json else _print_quantize(s)
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import distributed
 from .algorithms.gptq import gptq
 from .algorithms.kv_cache import kv_cache_scale
 from .attention import attention_modules, kv_hooks
@@ -93,6 +94,21 @@ def needs_calibration(scheme: Scheme) -> bool:
             or scheme.kv_cache is not None)
 
 
+def plan_batches(lengths: list[int], size: int = 8) -> list[list[int]]:
+    """Sample indices grouped into batches of up to `size` equal lengths (in first-seen order)."""
+    groups: dict[int, list[int]] = {}
+    for idx, n in enumerate(lengths):
+        groups.setdefault(n, []).append(idx)
+    return [idxs[c:c + size] for idxs in groups.values() for c in range(0, len(idxs), size)]
+
+
+def stack_batches(hidden: list[torch.Tensor], kwargs: list[list[dict]], plan: list[list[int]]):
+    """Each batch of `plan` as one stacked tensor, with its first member's keyword arguments."""
+    out_h = [torch.cat([hidden[i] for i in chunk]) for chunk in plan]
+    out_kw = [[per_layer[chunk[0]] for chunk in plan] for per_layer in kwargs]
+    return out_h, out_kw
+
+
 def batch_equal_lengths(hidden: list[torch.Tensor], kwargs: list[list[dict]], size: int = 8):
     """Stack samples of equal length into batches of up to `size` (in first-seen order).
 
@@ -100,17 +116,7 @@ def batch_equal_lengths(hidden: list[torch.Tensor], kwargs: list[list[dict]], si
     embeddings and need no padding mask, so a batch takes its first member's arguments.
     Calibration samples are truncated to --seq-len, so most of them share that length.
     """
-    groups: dict[int, list[int]] = {}
-    for idx, h in enumerate(hidden):
-        groups.setdefault(h.shape[1], []).append(idx)
-    out_h, out_kw = [], [[] for _ in kwargs]
-    for idxs in groups.values():
-        for c in range(0, len(idxs), size):
-            chunk = idxs[c:c + size]
-            out_h.append(torch.cat([hidden[i] for i in chunk]))
-            for j, per_layer in enumerate(kwargs):
-                out_kw[j].append(per_layer[chunk[0]])
-    return out_h, out_kw
+    return stack_batches(hidden, kwargs, plan_batches([h.shape[1] for h in hidden], size))
 
 
 def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
@@ -170,6 +176,12 @@ def _collect(layer, targets, sets, hidden, kwargs, scheme: Scheme) -> dict[tuple
     with _hooks(handles):
         for h, kw in zip(hidden, kwargs):
             _run(layer, h, kw)
+    for st in stats.values():  # every rank saw its own batches: merge (no-op in one process)
+        distributed.merge_absmax(st.amax)
+        if st.hessian is not None:
+            distributed.merge_hessian(st.hessian)
+        if scheme.smoothing == "auto" and distributed.active():
+            st.sample = [distributed.gather_rows(torch.cat(st.sample), SAMPLE_TOKENS)]
     return stats
 
 
@@ -227,6 +239,12 @@ def _propagate(layer, targets, originals, act_quant, hidden, kwargs, report_batc
         for s, (h, kw) in enumerate(zip(hidden, kwargs)):
             measuring[0] = s < report_batches
             hidden[s] = _run(layer, h, kw)  # in place: one copy of the activations
+    for k, v in kv_stats.values():
+        distributed.merge_absmax(k)
+        distributed.merge_absmax(v)
+    totals = distributed.sum_floats([x for e in sums.values() for x in (e.err, e.ref)])
+    for e, err, ref in zip(sums.values(), totals[0::2], totals[1::2]):
+        e.err, e.ref = err, ref
     return {n: (e.err / e.ref) ** 0.5 if e.ref > 0 else 0.0 for n, e in sums.items()}
 
 
@@ -269,6 +287,8 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
     """Quantize every decoder layer of `ckpt` in turn, handing results to `writer`.
 
     Returns the per-Linear error report: [{"name", "rel_error"}], in model order.
+    Under torch.distributed each rank runs its contiguous share of the batches (the error
+    report covers the first `report_batches` batches overall) and statistics are merged.
     """
     # Layers run in the checkpoint's own dtype (bf16 for most): that is what the served model
     # computes, and bf16 matmuls are several times faster on CPUs with AVX512-BF16/AMX.
@@ -281,7 +301,14 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
     outer = [n for n in ckpt.names() if not n.startswith(arch.layers + ".")]
     for name in sorted(outer):
         writer.add(name, ckpt.tensor(name))
-    hidden, kwargs = batch_equal_lengths(*capture_inputs(model, layers, samples))
+    # the batches one process would run, shared out whole, so each batch computes the same
+    # activations whichever rank runs it
+    plan, first = distributed.share(plan_batches([s.numel() for s in samples]))
+    own = [i for chunk in plan for i in chunk]
+    hidden, kwargs = capture_inputs(model, layers, [samples[i] for i in own])
+    positions = iter(range(len(own)))  # where each of this rank's samples sits in `hidden`
+    hidden, kwargs = stack_batches(hidden, kwargs, [[next(positions) for _ in c] for c in plan])
+    report_batches = max(0, min(report_batches - first, len(hidden)))
     static_inputs = scheme.static_inputs
     report, sets = [], None
     for i in progress(range(len(layers)), "quantizing layers"):
