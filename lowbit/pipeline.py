@@ -191,7 +191,9 @@ def _solve(weights: dict[str, torch.Tensor], stats: _SetStats | None, grid, sche
     Hessian, so the members run as one stacked matrix: one column sweep instead of three."""
     if scheme.algorithm != "gptq":
         return {n: rtn(w, grid) for n, w in weights.items()}
-    stacked = gptq(torch.cat(list(weights.values())), stats.hessian.mean(), grid,
+    # GPTQ works in float32: take the mean at that precision, and let the float64 sum go
+    hessian, stats.hessian = stats.hessian.mean(torch.float32), None
+    stacked = gptq(torch.cat(list(weights.values())), hessian, grid,
                    act_order=scheme.act_order, damp=scheme.damp)
     out, start = {}, 0
     for n, w in weights.items():
@@ -281,6 +283,15 @@ def resolve_group_size(ckpt: Checkpoint, scheme: Scheme) -> tuple[Scheme, str | 
     return scheme.with_options(group_size=fits[0]), notice
 
 
+def _drop_outer(model: nn.Module, layers_path: str) -> None:
+    """Put every parameter outside the decoder layers back on the meta device."""
+    for name, module in model.named_modules():
+        if name == layers_path or name.startswith(layers_path + "."):
+            continue
+        for pname, p in list(module.named_parameters(recurse=False)):
+            setattr(module, pname, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+
+
 @torch.no_grad()
 def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor], writer,
                     report_batches: int = 2) -> list[dict]:
@@ -298,9 +309,6 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
     arch = arch_for(model)
     layers = decoder_layers(model, arch)
     ckpt.load_outer(model, arch.layers, dtype)
-    outer = [n for n in ckpt.names() if not n.startswith(arch.layers + ".")]
-    for name in sorted(outer):
-        writer.add(name, ckpt.tensor(name))
     # the batches one process would run, shared out whole, so each batch computes the same
     # activations whichever rank runs it
     plan, first = distributed.share(plan_batches([s.numel() for s in samples]))
@@ -309,6 +317,7 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
     positions = iter(range(len(own)))  # where each of this rank's samples sits in `hidden`
     hidden, kwargs = stack_batches(hidden, kwargs, [[next(positions) for _ in c] for c in plan])
     report_batches = max(0, min(report_batches - first, len(hidden)))
+    _drop_outer(model, arch.layers)  # embeddings and lm_head are not needed past this point
     static_inputs = scheme.static_inputs
     report, sets = [], None
     for i in progress(range(len(layers)), "quantizing layers"):
@@ -331,7 +340,10 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
         quantized: dict[str, Quantized] = {}
         act_quant, input_scales, originals, replaced = {}, {}, {}, {}
         for s in mine:
-            weights = {n: targets[n].weight.float() for n in s}
+            # float32 working copies only where smoothing computes with them; rtn and gptq
+            # widen the stored weights themselves (exactly), a matrix at a time
+            weights = {n: targets[n].weight.float() if scheme.smoothing is not None
+                       else targets[n].weight.data for n in s}
             if scheme.smoothing is not None:
                 replaced.update(smooth_set(layer, prefix, s, weights, stats, layout.norms, scheme,
                                            arch.norm_offset, model.config, dtype))
@@ -339,7 +351,7 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
             grid = grid_for(scheme.weights, dtype).bind(torch.cat(list(weights.values())))
             for n in s:
                 check_shape(prefix + n, *weights[n].shape, scheme.weights)
-                originals[n] = weights[n].to(dtype)  # reference for the error report
+                originals[n] = weights[n].to(dtype)  # error-report reference (no copy unless smoothed)
             quantized.update(_solve(weights, stats.get(s), grid, scheme))
             if scheme.inputs is not None:
                 scale = _input_scale(scheme, stats[s].amax, dtype) if static_inputs else None
@@ -367,4 +379,8 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
         report += [{"name": prefix + n, "rel_error": errors[n]} for n in targets]
         del originals, quantized
         layer.to("meta")  # give the layer's memory back before reading the next one
+    # embeddings, lm_head, final norm: copied as they are, last, so they are never held in
+    # memory beside a layer being quantized
+    for name in sorted(n for n in ckpt.names() if not n.startswith(arch.layers + ".")):
+        writer.add(name, ckpt.tensor(name))
     return report

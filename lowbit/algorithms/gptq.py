@@ -13,13 +13,20 @@ from ..errors import LowbitError
 from ..formats.grid import QParams, Quantized, ScaleGrid
 
 
-def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 after dampening H's diagonal by damp * mean(diag)."""
-    H = H.clone()
+def _inverse_hessian_factor(hessian: torch.Tensor, perm: torch.Tensor, dead: torch.Tensor,
+                            damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1, H = `hessian` in column order `perm` with the diagonal
+    of dead inputs set to 1 and dampened by damp * mean(diag). Besides `hessian`, at most two
+    [in, in] matrices are alive at a time (a 7B down_proj's are 485 MB each)."""
+    H = hessian.detach().float()[perm[:, None], perm[None, :]]  # one gather: a copy we own
+    H.diagonal()[dead[perm]] = 1
     H.diagonal().add_(damp * H.diagonal().mean())
     try:
         L = torch.linalg.cholesky(H)
-        return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        del H
+        Hinv = torch.cholesky_inverse(L)
+        del L
+        return torch.linalg.cholesky(Hinv, upper=True)
     except torch.linalg.LinAlgError:
         raise LowbitError(f"GPTQ: the Hessian is not positive definite even with dampening {damp}; "
                           "use more calibration samples or a larger dampening") from None
@@ -37,10 +44,10 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: ScaleGrid, *, block:
     inside a block of columns at once and to the rest of the matrix once per block.
     """
     W = weight.detach().float().clone()  # [out, in]
-    H = hessian.detach().float().clone()  # [in, in]
     rows, cols = W.shape
-    dead = H.diagonal() == 0  # inputs that were always zero: any value works, use 0
-    H[dead, dead] = 1
+    diag = hessian.diagonal().float().clone()
+    dead = diag == 0  # inputs that were always zero: any value works, use 0
+    diag[dead] = 1
     W[:, dead] = 0
 
     spec = grid.spec
@@ -50,9 +57,9 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: ScaleGrid, *, block:
         params[0] = grid.fit(W)
     elif act_order:
         params = {s: grid.fit(W[:, s:s + g]) for s in range(0, cols, g)}
-    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols)
-    W, H = W[:, perm], H[perm][:, perm]
-    U = _inverse_hessian_factor(H, damp)  # [in, in], upper
+    perm = torch.argsort(diag, descending=True) if act_order else torch.arange(cols)
+    W = W[:, perm]
+    U = _inverse_hessian_factor(hessian, perm, dead, damp)  # [in, in], upper
 
     codes = torch.empty(rows, cols, dtype=torch.int8 if spec.format == "int" else torch.float8_e4m3fn)
     block = max(g, block // g * g) if not act_order else block  # groups never straddle blocks
