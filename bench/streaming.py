@@ -10,6 +10,8 @@ process wrote (/proc/self/io) against the size of what it produced.
     python bench/streaming.py --tokenizer .cache/smollm2-135m-bf16 --shape llama-7b --layers 32 \\
         --runs W8A16_FP8
 
+Every layer holds the same random weights (drawing 29 GB of random numbers takes longer than
+quantizing them); each is still read, quantized and written on its own.
 A run `SCHEME:N` quantizes a view of the first N layers (a directory of links to the same
 shard files, with num_hidden_layers=N): nothing is copied.
 """
@@ -87,7 +89,7 @@ def main() -> None:
     if have < need:
         sys.exit("not enough free disk")
     if not (src / "config.json").is_file() or _size(src) < source * 0.99:
-        write_llama(src, args.layers, args.tokenizer, dict(shape, vocab_size=vocab))
+        write_llama(src, args.layers, args.tokenizer, dict(shape, vocab_size=vocab), distinct=False)
     size = _size(src)
     print(f"source: {src} {size / GIB:.2f} GiB ({size / 1e9:.1f} GB) bf16, {args.layers} layers", flush=True)
     rows = []

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import logging
 import time
@@ -15,6 +13,7 @@ from . import data, distributed
 from .checkpoint import Checkpoint, load_tokenizer
 from .errors import LowbitError
 from .export import CheckpointWriter
+from .memory import release_memory
 from .outdir import check_output
 from .pipeline import REPORT_SAMPLES, needs_calibration, quantize_layers, resolve_group_size
 from .schemes import Scheme, get_scheme
@@ -22,16 +21,6 @@ from .schemes import Scheme, get_scheme
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "lowbit_report.json"
-
-
-def _release_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so memory that held
-    the parsed dataset does not add to the peak of calibration."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 def _dir_size(path: Path) -> int:
@@ -82,7 +71,7 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
         batches = data.calibration_samples(tokenizer, records, samples=samples, seq_len=seq_len, seed=seed)
         source, dropped = records.source, records.dropped
         del records  # the parsed dataset (hundreds of MB for ShareGPT) is not needed past here
-        _release_memory()
+        release_memory()  # the parsed dataset's pages must not add to calibration's peak
         # under torchrun every rank calibrates on its share of the samples; rank 0 writes
         writer = CheckpointWriter(out, ckpt.path, scheme, overwrite=overwrite) \
             if distributed.is_main() else distributed.Discard()

@@ -21,6 +21,10 @@ model's chat template. A fixed hash-based split keeps calibration and evaluation
 
 example:
   lowbit quantize ./smollm2 ./smollm2-fp8 --scheme FP8 --samples 128 --seq-len 512
+
+several processes (each calibrates on its share of the samples; statistics are all-reduced,
+rank 0 writes):
+  torchrun --nproc-per-node 4 -m lowbit quantize ./smollm2 ./smollm2-w4 --scheme W4A16
 """
 
 

@@ -44,11 +44,18 @@ def is_main() -> bool:
 @contextlib.contextmanager
 def from_env() -> Iterator[None]:
     """Join the process group torchrun describes (WORLD_SIZE > 1 in the environment) for the
-    duration of a block, unless the caller already did; gloo on CPU, NCCL when CUDA is there."""
+    duration of a block, unless the caller already did; NCCL when every local rank has a GPU,
+    gloo otherwise."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
         yield
         return
-    backend = "nccl" if torch.cuda.is_available() and dist.is_nccl_available() else "gloo"
+    # NCCL needs a GPU of its own per local rank; otherwise gloo (the pipeline computes on CPU,
+    # so only the collectives would move to the GPU)
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ["WORLD_SIZE"]))
+    nccl = dist.is_nccl_available() and torch.cuda.is_available() and torch.cuda.device_count() >= local
+    if nccl:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    backend = "nccl" if nccl else "gloo"
     try:
         # a long timeout: ranks wait for each other at every layer, and a layer of a big model
         # can take many minutes on CPU (GPTQ), longer than the default 10

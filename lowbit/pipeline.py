@@ -25,6 +25,7 @@ from .errors import LowbitError
 from .export import check_fused, check_shape
 from .formats.grid import Quantized, activation_qdq, grid_for
 from .models import arch_for, decoder_layers, layer_layout, linears
+from .memory import release_memory
 from .progress import progress
 from .schemes import Scheme
 from .smoothing import SAMPLE_TOKENS, smooth_set
@@ -155,11 +156,12 @@ class _SetStats:
 
 
 @torch.no_grad()
-def _collect(layer, targets, sets, hidden, kwargs, scheme: Scheme) -> dict[tuple, _SetStats]:
-    """One forward of the layer over all samples with hooks on each fused set's input."""
+def _collect(layer, targets, sets, hidden, kwargs, scheme: Scheme, later=()) -> dict[tuple, _SetStats]:
+    """One forward of the layer over all samples with hooks on each fused set's input.
+    Sets in `later` get no Hessian here (see _later_hessian)."""
     gptq_needed = scheme.algorithm == "gptq"
     stats = {s: _SetStats(AbsMax(per_channel=True),
-                          Hessian(targets[s[0]].in_features) if gptq_needed else None, [])
+                          Hessian(targets[s[0]].in_features) if gptq_needed and s not in later else None, [])
              for s in sets}
 
     def observe(st: _SetStats):
@@ -183,6 +185,23 @@ def _collect(layer, targets, sets, hidden, kwargs, scheme: Scheme) -> dict[tuple
         if scheme.smoothing == "auto" and distributed.active():
             st.sample = [distributed.gather_rows(torch.cat(st.sample), SAMPLE_TOKENS)]
     return stats
+
+
+@torch.no_grad()
+def _later_hessian(layer, linear: nn.Linear, hidden, kwargs) -> Hessian:
+    """The Hessian of one Linear's input, from a forward pass of its own.
+
+    A Hessian is in_features^2 float64: the MLP down projection's is 970 MB at 7B (1.5 GB at
+    13B). Collected after the other sets are solved and their Hessians freed, it never shares
+    memory with them. The layer still holds its unquantized weights, so the inputs, and the
+    sum, are exactly those of the shared pass.
+    """
+    hessian = Hessian(linear.in_features)
+    with _hooks([linear.register_forward_pre_hook(lambda m, a: hessian.update(a[0]))]):
+        for h, kw in zip(hidden, kwargs):
+            _run(layer, h, kw)
+    distributed.merge_hessian(hessian)
+    return hessian
 
 
 def _solve(weights: dict[str, torch.Tensor], stats: _SetStats | None, grid, scheme: Scheme
@@ -336,7 +355,11 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
                 writer.skip_linear(prefix + n)
         mine = [s for s in sets if s[0] in targets]
         needs_stats = static_inputs or scheme.algorithm == "gptq" or scheme.smoothing is not None
-        stats = _collect(layer, targets, mine, hidden, kwargs[i], scheme) if needs_stats else {}
+        # Hessians wider than the layer's input (the MLP down projection) come in a pass of
+        # their own, unless smoothing must rescale them with the rest
+        later = [s for s in mine if scheme.algorithm == "gptq" and scheme.smoothing is None
+                 and targets[s[0]].in_features > hidden[0].shape[-1]]
+        stats = _collect(layer, targets, mine, hidden, kwargs[i], scheme, later) if needs_stats else {}
         quantized: dict[str, Quantized] = {}
         act_quant, input_scales, originals, replaced = {}, {}, {}, {}
         for s in mine:
@@ -352,6 +375,8 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
             for n in s:
                 check_shape(prefix + n, *weights[n].shape, scheme.weights)
                 originals[n] = weights[n].to(dtype)  # error-report reference (no copy unless smoothed)
+            if s in later:
+                stats[s].hessian = _later_hessian(layer, targets[s[0]], hidden, kwargs[i])
             quantized.update(_solve(weights, stats.get(s), grid, scheme))
             if scheme.inputs is not None:
                 scale = _input_scale(scheme, stats[s].amax, dtype) if static_inputs else None
@@ -379,6 +404,7 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
         report += [{"name": prefix + n, "rel_error": errors[n]} for n in targets]
         del originals, quantized
         layer.to("meta")  # give the layer's memory back before reading the next one
+        release_memory()
     # embeddings, lm_head, final norm: copied as they are, last, so they are never held in
     # memory beside a layer being quantized
     for name in sorted(n for n in ckpt.names() if not n.startswith(arch.layers + ".")):
