@@ -28,8 +28,14 @@ def layer_tensors(i: int, cfg: dict, gen: torch.Generator) -> dict[str, torch.Te
     return out
 
 
-def write_llama(out: Path, layers: int, tokenizer_dir: Path, shape: dict = LLAMA_7B) -> int:
-    """Write a Llama checkpoint with `layers` decoder layers; returns its size in bytes."""
+def write_llama(out: Path, layers: int, tokenizer_dir: Path, shape: dict = LLAMA_7B,
+                distinct: bool = True) -> int:
+    """Write a Llama checkpoint with `layers` decoder layers; returns its size in bytes.
+
+    distinct=False draws one layer's random weights and stores them under every layer's
+    names: the same bytes on disk and in memory per layer, without drawing tens of GB of
+    random numbers (which takes longer than quantizing them).
+    """
     out = Path(out)
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -47,8 +53,11 @@ def write_llama(out: Path, layers: int, tokenizer_dir: Path, shape: dict = LLAMA
             tensors = {"model.embed_tokens.weight": (torch.randn(v, h, generator=gen) * 0.02).bfloat16(),
                        "lm_head.weight": (torch.randn(v, h, generator=gen) * 0.02).bfloat16(),
                        "model.norm.weight": torch.ones(h, dtype=torch.bfloat16)}
-        else:
+        elif distinct or i == 0:
             tensors = layer_tensors(i, cfg, gen)
+            first = tensors
+        else:
+            tensors = {k.replace("model.layers.0.", f"model.layers.{i}.", 1): v for k, v in first.items()}
         name = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
         save_file(tensors, str(out / name), metadata={"format": "pt"})
         total += (out / name).stat().st_size

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
 import torch
 
-from . import data
+from . import data, distributed
 from .checkpoint import Checkpoint, load_tokenizer
 from .errors import LowbitError
 from .export import CheckpointWriter
+from .memory import release_memory
 from .outdir import check_output
 from .pipeline import needs_calibration, quantize_layers, resolve_group_size
 from .schemes import Scheme, get_scheme
@@ -22,16 +22,6 @@ from .schemes import Scheme, get_scheme
 log = logging.getLogger(__name__)
 
 REPORT_FILE = "lowbit_report.json"
-
-
-def _release_memory() -> None:
-    """Hand freed heap pages back to the OS (glibc keeps them otherwise), so memory that held
-    the parsed dataset does not add to the peak of calibration."""
-    gc.collect()
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):  # not glibc: nothing to trim
-        pass
 
 
 def _dir_size(path: Path) -> int:
@@ -88,6 +78,8 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
         smoothing=smoothquant, sparsity=sparsity, sparsity_structure=sparsity_structure)
     check_output(out, overwrite)
     where = resolve_device(device)
+    if where.type == "cuda" and distributed.active():  # torchrun: one GPU per local rank
+        where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     ckpt = Checkpoint(model)
     try:
         scheme, notice = resolve_group_size(ckpt, scheme)
@@ -98,7 +90,7 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
             # data cannot change the result, so none is read and no forward runs
             notices.append(f"{scheme.name} with {scheme.algorithm} is data-free: no calibration; "
                            "the report gives each Linear's relative weight error")
-        for n in notices:
+        for n in notices if distributed.is_main() else ():
             log.warning(n)
         _check_seq_len(ckpt, seq_len)
         batches, source, dropped = [], None, 0
@@ -109,8 +101,11 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
                                                seed=seed)
             source, dropped = records.source, records.dropped
             del records  # the parsed dataset (hundreds of MB for ShareGPT) is not needed past here
-            _release_memory()
-        with CheckpointWriter(out, ckpt.path, scheme, overwrite=overwrite) as writer:
+            release_memory()  # the parsed dataset's pages must not add to calibration's peak
+        # under torchrun every rank calibrates on its share of the samples; rank 0 writes
+        writer = CheckpointWriter(out, ckpt.path, scheme, overwrite=overwrite) \
+            if distributed.is_main() else distributed.Discard()
+        with writer:
             layers = quantize_layers(ckpt, scheme, batches, writer, device=where)
             worst = sorted(layers, key=lambda r: -r["rel_error"])
             summary = {

@@ -21,6 +21,10 @@ model's chat template. A fixed hash-based split keeps calibration and evaluation
 
 example:
   lowbit quantize ./smollm2 ./smollm2-fp8 --scheme FP8 --samples 128 --seq-len 512
+
+several processes (each calibrates on its share of the samples; statistics are all-reduced,
+rank 0 writes):
+  torchrun --nproc-per-node 4 -m lowbit quantize ./smollm2 ./smollm2-w4 --scheme W4A16
 """
 
 
@@ -63,13 +67,19 @@ def _print_eval(r: dict) -> None:
 
 
 def _cmd_quantize(a: argparse.Namespace) -> None:
-    from . import api
+    from . import api, distributed
 
-    s = api.quantize(a.model, a.out, a.scheme, dataset=a.dataset, samples=a.samples,
-                     seq_len=a.seq_len, ignore=a.ignore, seed=a.seed, group_size=a.group_size,
-                     algorithm=a.algorithm, kv_cache=a.kv_cache, kv_scale=a.kv_scale,
-                     smoothquant=a.smoothquant, sparsity=a.sparsity,
-                     sparsity_structure=a.sparsity_structure, device=a.device, overwrite=a.overwrite)
+    with distributed.from_env():  # torchrun --nproc-per-node K -m lowbit quantize ...
+        if not distributed.is_main():  # rank 0 speaks for all
+            logging.getLogger("lowbit").setLevel(logging.ERROR)
+        s = api.quantize(a.model, a.out, a.scheme, dataset=a.dataset, samples=a.samples,
+                         seq_len=a.seq_len, ignore=a.ignore, seed=a.seed, group_size=a.group_size,
+                         algorithm=a.algorithm, kv_cache=a.kv_cache, kv_scale=a.kv_scale,
+                         smoothquant=a.smoothquant, sparsity=a.sparsity,
+                         sparsity_structure=a.sparsity_structure, device=a.device,
+                         overwrite=a.overwrite)
+        if not distributed.is_main():
+            return
     print(json.dumps(s, indent=2)) if a.json else _print_quantize(s)
 
 

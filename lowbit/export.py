@@ -179,7 +179,7 @@ class CheckpointWriter:
     """Streams a compressed-tensors checkpoint into OUT. Use as a context manager."""
 
     def __init__(self, out: str | Path, source: str | Path, scheme: Scheme, *,
-                 overwrite: bool = False, shard_bytes: int = 512 * 2**20):
+                 overwrite: bool = False, shard_bytes: int = 128 * 2**20):
         self.out, self.source, self.scheme = Path(out), Path(source), scheme
         self.shard_bytes = shard_bytes
         self.format = compression_format(scheme)

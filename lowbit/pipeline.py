@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from . import distributed
 from .algorithms.gptq import gptq
 from .algorithms.kv_cache import kv_cache_scale
 from .attention import attention_modules, kv_hooks
@@ -26,6 +27,7 @@ from .errors import LowbitError
 from .export import check_fused, check_shape
 from .formats.grid import Quantized, activation_qdq, grid_for
 from .models import arch_for, decoder_layers, layer_layout, linears
+from .memory import release_memory
 from .progress import progress
 from .schemes import Scheme
 from .smoothing import SAMPLE_TOKENS, smooth_set
@@ -92,6 +94,21 @@ def needs_calibration(scheme: Scheme) -> bool:
             or scheme.kv_cache is not None or scheme.sparsity is not None)
 
 
+def plan_batches(lengths: list[int], size: int = 8) -> list[list[int]]:
+    """Sample indices grouped into batches of up to `size` equal lengths (in first-seen order)."""
+    groups: dict[int, list[int]] = {}
+    for idx, n in enumerate(lengths):
+        groups.setdefault(n, []).append(idx)
+    return [idxs[c:c + size] for idxs in groups.values() for c in range(0, len(idxs), size)]
+
+
+def stack_batches(hidden: list[torch.Tensor], kwargs: list[list[dict]], plan: list[list[int]]):
+    """Each batch of `plan` as one stacked tensor, with its first member's keyword arguments."""
+    out_h = [torch.cat([hidden[i] for i in chunk]) for chunk in plan]
+    out_kw = [[per_layer[chunk[0]] for chunk in plan] for per_layer in kwargs]
+    return out_h, out_kw
+
+
 def batch_equal_lengths(hidden: list[torch.Tensor], kwargs: list[list[dict]], size: int = 8):
     """Stack samples of equal length into batches of up to `size` (in first-seen order).
 
@@ -99,17 +116,7 @@ def batch_equal_lengths(hidden: list[torch.Tensor], kwargs: list[list[dict]], si
     embeddings and need no padding mask, so a batch takes its first member's arguments.
     Calibration samples are truncated to --seq-len, so most of them share that length.
     """
-    groups: dict[int, list[int]] = {}
-    for idx, h in enumerate(hidden):
-        groups.setdefault(h.shape[1], []).append(idx)
-    out_h, out_kw = [], [[] for _ in kwargs]
-    for idxs in groups.values():
-        for c in range(0, len(idxs), size):
-            chunk = idxs[c:c + size]
-            out_h.append(torch.cat([hidden[i] for i in chunk]))
-            for j, per_layer in enumerate(kwargs):
-                out_kw[j].append(per_layer[chunk[0]])
-    return out_h, out_kw
+    return stack_batches(hidden, kwargs, plan_batches([h.shape[1] for h in hidden], size))
 
 
 def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
@@ -148,12 +155,13 @@ class _SetStats:
 
 
 @torch.no_grad()
-def _collect(layer, targets, sets, hidden, kwargs, scheme: Scheme) -> dict[tuple, _SetStats]:
-    """One forward of the layer over all samples with hooks on each fused set's input."""
+def _collect(layer, targets, sets, hidden, kwargs, scheme: Scheme, later=()) -> dict[tuple, _SetStats]:
+    """One forward of the layer over all samples with hooks on each fused set's input.
+    Sets in `later` get no Hessian here (see _later_hessian)."""
     gptq_needed = scheme.uses_gptq or scheme.sparsity is not None  # both need a Hessian
     rot = scheme.rotation_block
     stats = {s: _SetStats(AbsMax(per_channel=True),
-                          Hessian(targets[s[0]].in_features) if gptq_needed else None, [])
+                          Hessian(targets[s[0]].in_features) if gptq_needed and s not in later else None, [])
              for s in sets}
 
     def observe(st: _SetStats):
@@ -171,7 +179,33 @@ def _collect(layer, targets, sets, hidden, kwargs, scheme: Scheme) -> dict[tuple
     with _hooks(handles):
         for h, kw in zip(hidden, kwargs):
             _run(layer, h, kw)
+    for st in stats.values():  # every rank saw its own batches: merge (no-op in one process)
+        distributed.merge_absmax(st.amax)
+        if st.hessian is not None:
+            distributed.merge_hessian(st.hessian)
+        if scheme.smoothing == "auto" and distributed.active():
+            st.sample = [distributed.gather_rows(torch.cat(st.sample), SAMPLE_TOKENS)]
     return stats
+
+
+@torch.no_grad()
+def _later_hessian(layer, linear: nn.Linear, hidden, kwargs, rot: int | None = None) -> Hessian:
+    """The Hessian of one Linear's input, from a forward pass of its own.
+
+    A Hessian is in_features^2 float64: the MLP down projection's is 970 MB at 7B (1.5 GB at
+    13B). Collected after the other sets are solved and their Hessians freed, it never shares
+    memory with them. The layer still holds its unquantized weights, so the inputs, and the
+    sum, are exactly those of the shared pass.
+    """
+    hessian = Hessian(linear.in_features)
+    def observe(_module, args):  # with MR-GPTQ, of the rotated input x R (as in _collect)
+        hessian.update(rotate_input(args[0], rot) if rot else args[0])
+
+    with _hooks([linear.register_forward_pre_hook(observe)]):
+        for h, kw in zip(hidden, kwargs):
+            _run(layer, h, kw)
+    distributed.merge_hessian(hessian)
+    return hessian
 
 
 def _solve(weights: dict[str, torch.Tensor], stats: _SetStats | None, grid, scheme: Scheme
@@ -183,7 +217,9 @@ def _solve(weights: dict[str, torch.Tensor], stats: _SetStats | None, grid, sche
     elif not scheme.uses_gptq:
         return {n: rtn(w, grid) for n, w in weights.items()}
     else:
-        stacked = gptq(torch.cat(list(weights.values())), stats.hessian.mean(), grid,
+        # GPTQ works in float32: take the mean at that precision, and let the float64 sum go
+        hessian, stats.hessian = stats.hessian.mean(torch.float32), None
+        stacked = gptq(torch.cat(list(weights.values())), hessian, grid,
                        act_order=scheme.act_order, damp=scheme.damp)
     out, start = {}, 0
     for n, w in weights.items():
@@ -244,6 +280,12 @@ def _propagate(layer, targets, originals, act_quant, hidden, kwargs, report_batc
         for s, (h, kw) in enumerate(zip(hidden, kwargs)):
             measuring[0] = s < report_batches
             hidden[s] = _run(layer, h, kw)  # in place: one copy of the activations
+    for k, v in kv_stats.values():
+        distributed.merge_absmax(k)
+        distributed.merge_absmax(v)
+    totals = distributed.sum_floats([x for e in sums.values() for x in (e.err, e.ref)])
+    for e, err, ref in zip(sums.values(), totals[0::2], totals[1::2]):
+        e.err, e.ref = err, ref
     return {n: (e.err / e.ref) ** 0.5 if e.ref > 0 else 0.0 for n, e in sums.items()}
 
 
@@ -290,6 +332,15 @@ def resolve_group_size(ckpt: Checkpoint, scheme: Scheme) -> tuple[Scheme, str | 
     return scheme.with_options(group_size=fits[0]), notice
 
 
+def _drop_outer(model: nn.Module, layers_path: str) -> None:
+    """Put every parameter outside the decoder layers back on the meta device."""
+    for name, module in model.named_modules():
+        if name == layers_path or name.startswith(layers_path + "."):
+            continue
+        for pname, p in list(module.named_parameters(recurse=False)):
+            setattr(module, pname, nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False))
+
+
 @torch.no_grad()
 def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor], writer,
                     report_batches: int = 2, device: torch.device | str = "cpu") -> list[dict]:
@@ -299,6 +350,8 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
     the model outside the current layer stays on the meta device, and the writer gets CPU copies.
 
     Returns the per-Linear error report: [{"name", "rel_error"}], in model order.
+    Under torch.distributed each rank runs its contiguous share of the batches (the error
+    report covers the first `report_batches` batches overall) and statistics are merged.
     """
     # Layers run in the checkpoint's own dtype (bf16 for most): that is what the served model
     # computes, and bf16 matmuls are several times faster on CPUs with AVX512-BF16/AMX.
@@ -308,17 +361,23 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
     arch = arch_for(model)
     layers = decoder_layers(model, arch)
     ckpt.load_outer(model, arch.layers, dtype, device)
-    outer = [n for n in ckpt.names() if not n.startswith(arch.layers + ".")]
-    for name in sorted(outer):
-        writer.add(name, ckpt.tensor(name))
     # Data-free schemes get no samples: no forward runs, and the report is the weight error.
     data_free = not samples
     if data_free and needs_calibration(scheme):
         raise LowbitError(f"{scheme.name} with {scheme.algorithm} needs calibration samples")
-    # (a few dummy tokens still run once, through layer 0 only, to discover its fused sets)
-    probe = samples if not data_free else [torch.zeros(8, dtype=torch.long)]
-    probe = [s.to(device) for s in probe]
-    hidden, kwargs = batch_equal_lengths(*capture_inputs(model, layers, probe))
+    if data_free:  # a few dummy tokens still run once, through layer 0 only, to find its fused sets
+        probe, plan, first = [torch.zeros(8, dtype=torch.long)], [[0]], 0
+    else:
+        # the batches one process would run, shared out whole, so each batch computes the same
+        # activations whichever rank runs it
+        probe = samples
+        plan, first = distributed.share(plan_batches([s.numel() for s in samples]))
+    own = [i for chunk in plan for i in chunk]
+    hidden, kwargs = capture_inputs(model, layers, [probe[i].to(device) for i in own])
+    positions = iter(range(len(own)))  # where each of this rank's samples sits in `hidden`
+    hidden, kwargs = stack_batches(hidden, kwargs, [[next(positions) for _ in c] for c in plan])
+    report_batches = max(0, min(report_batches - first, len(hidden)))
+    _drop_outer(model, arch.layers)  # embeddings and lm_head are not needed past this point
     static_inputs = scheme.static_inputs
     report, sets = [], None
     for i in progress(range(len(layers)), "quantizing layers"):
@@ -339,11 +398,18 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
         mine = [s for s in sets if s[0] in targets]
         needs_stats = (static_inputs or scheme.uses_gptq or scheme.smoothing is not None
                        or scheme.sparsity is not None)
-        stats = _collect(layer, targets, mine, hidden, kwargs[i], scheme) if needs_stats else {}
+        # Hessians wider than the layer's input (the MLP down projection) come in a pass of
+        # their own, unless smoothing must rescale them with the rest
+        later = [s for s in mine if (scheme.uses_gptq or scheme.sparsity is not None)
+                 and scheme.smoothing is None and targets[s[0]].in_features > hidden[0].shape[-1]]
+        stats = _collect(layer, targets, mine, hidden, kwargs[i], scheme, later) if needs_stats else {}
         quantized: dict[str, Quantized] = {}
         act_quant, input_scales, originals, replaced = {}, {}, {}, {}
         for s in mine:
-            weights = {n: targets[n].weight.float() for n in s}
+            # float32 working copies only where smoothing computes with them; rtn and gptq
+            # widen the stored weights themselves (exactly), a matrix at a time
+            weights = {n: targets[n].weight.float() if scheme.smoothing is not None
+                       else targets[n].weight.data for n in s}
             if scheme.smoothing is not None:
                 replaced.update(smooth_set(layer, prefix, s, weights, stats, layout.norms, scheme,
                                            arch.norm_offset, model.config, dtype))
@@ -351,7 +417,10 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
             grid = grid_for(scheme.weights, dtype).bind(torch.cat(list(weights.values())))
             for n in s:
                 check_shape(prefix + n, *weights[n].shape, scheme.weights)
-                originals[n] = weights[n].to(dtype)  # reference for the error report
+                originals[n] = weights[n].to(dtype)  # error-report reference (no copy unless smoothed)
+            if s in later:
+                stats[s].hessian = _later_hessian(layer, targets[s[0]], hidden, kwargs[i],
+                                                  scheme.rotation_block)
             rot = scheme.rotation_block
             if rot:  # MR-GPTQ: solve for W R; the stored weights stay rotated, inputs rotate online
                 weights = {n: rotate_weight(w, rot) for n, w in weights.items()}
@@ -387,4 +456,9 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
         report += [{"name": prefix + n, "rel_error": errors[n]} for n in targets]
         del originals, quantized
         layer.to("meta")  # give the layer's memory back before reading the next one
+        release_memory()
+    # embeddings, lm_head, final norm: copied as they are, last, so they are never held in
+    # memory beside a layer being quantized
+    for name in sorted(n for n in ckpt.names() if not n.startswith(arch.layers + ".")):
+        writer.add(name, ckpt.tensor(name))
     return report

@@ -17,12 +17,16 @@ from ..formats.grid import QParams, Quantized, ScaleGrid
 
 
 def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 after dampening H's diagonal by damp * mean(diag)."""
-    H = H.clone()
+    """Upper Cholesky factor of H^-1 after dampening H's diagonal by damp * mean(diag).
+    H is the caller's working copy, dampened in place; besides it at most two [in, in]
+    matrices are alive at a time (a 7B down_proj's are 485 MB each)."""
     H.diagonal().add_(damp * H.diagonal().mean())
     try:
         L = torch.linalg.cholesky(H)
-        return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+        del H
+        Hinv = torch.cholesky_inverse(L)
+        del L
+        return torch.linalg.cholesky(Hinv, upper=True)
     except torch.linalg.LinAlgError:
         raise LowbitError(f"GPTQ: the Hessian is not positive definite even with dampening {damp}; "
                           "use more calibration samples or a larger dampening") from None
@@ -140,7 +144,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: ScaleGrid, *, block:
     elif act_order:
         params = {s: grid.fit(W[:, s:s + g]) for s in range(0, cols, g)}
     perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols, device=W.device)
-    W, H = W[:, perm], H[perm][:, perm]
+    W, H = W[:, perm], H[perm[:, None], perm[None, :]]  # one gather, not two copies
     U = _inverse_hessian_factor(H, damp)  # [in, in], upper
 
     codes = torch.empty(rows, cols, dtype=code_dtype(grid), device=W.device)

@@ -59,6 +59,38 @@ def _next_up(x: torch.Tensor) -> torch.Tensor:
     return (bits + 1).view(x.dtype)
 
 
+ROW_CHUNK = 1 << 20  # elements of row-wise work at a time (8 MiB of float64 temporaries)
+
+
+def _slice_rows(t: torch.Tensor | None, start: int, end: int, rows: int):
+    """Rows [start, end) of a parameter that has one row per block row; a shared one as is."""
+    return t[start:end] if t is not None and t.dim() > 0 and t.shape[0] == rows else t
+
+
+def _by_rows(f: Callable, x: torch.Tensor, p: QParams | None = None):
+    """f(x, p) computed over chunks of rows and concatenated.
+
+    Encoding and fitting are row-wise (every operation is elementwise or reduces within a
+    row), so chunking gives bit-identical results while a 7B layer's float64 working copies
+    take megabytes instead of gigabytes.
+    """
+    rows = x.shape[0] if x.dim() > 1 else 1
+    step = max(1, ROW_CHUNK // max(1, x.numel() // max(rows, 1)))
+    if x.dim() < 2 or rows <= step:
+        return f(x) if p is None else f(x, p)
+    parts = []
+    for a in range(0, rows, step):
+        b = min(a + step, rows)
+        if p is None:
+            parts.append(f(x[a:b]))
+        else:
+            parts.append(f(x[a:b], QParams(_slice_rows(p.scale, a, b, rows), _slice_rows(p.zero, a, b, rows))))
+    if isinstance(parts[0], QParams):
+        zero = None if parts[0].zero is None else torch.cat([q.zero for q in parts])
+        return QParams(torch.cat([q.scale for q in parts]), zero)
+    return torch.cat(parts)
+
+
 def _check_finite(x: torch.Tensor) -> None:
     if not torch.isfinite(x).all():
         raise ValueError("cannot quantize a tensor containing NaN or Inf")
@@ -79,7 +111,7 @@ class ScaleGrid:
         if self.spec.granularity != "tensor":
             return self
         _check_finite(w)
-        return self.bind_amax(w.abs().amax())
+        return self.bind_amax(torch.linalg.vector_norm(w, float("inf")))  # max |w|, without an |w| copy
 
     def bind_amax(self, amax: torch.Tensor) -> "ScaleGrid":
         """Per-tensor scale from an observed range (calibrated activations: no tensor to scan)."""
@@ -95,6 +127,9 @@ class ScaleGrid:
         if self.spec.granularity == "tensor":
             bound = self.tensor_scale if self.tensor_scale is not None else self.bind(block).tensor_scale
             return QParams(bound.reshape(1, 1))
+        return _by_rows(self._fit_rows, block)
+
+    def _fit_rows(self, block: torch.Tensor) -> QParams:
         amax = block.abs().amax(dim=-1, keepdim=True)
         _check_finite(amax)  # NaN and Inf propagate into the maximum: one check per row, not per value
         best, best_err = None, None
@@ -118,7 +153,7 @@ class ScaleGrid:
         and check=False: a runtime does not scan them for NaN either, and the scan costs a pass."""
         if check:
             _check_finite(x)
-        return self.round(x.to(work) / p.scale.to(work))
+        return _by_rows(lambda xs, ps: self.round(xs.to(work) / ps.scale.to(work)), x, p)
 
     def decode(self, codes: torch.Tensor, p: QParams) -> torch.Tensor:
         return codes.to(p.scale.dtype) * p.scale
@@ -133,6 +168,9 @@ class AffineGrid(ScaleGrid):
     """
 
     def fit(self, block: torch.Tensor) -> QParams:
+        return _by_rows(self._fit_rows, block)
+
+    def _fit_rows(self, block: torch.Tensor) -> QParams:
         qmin, qmax = int_range(self.spec.bits)
         lo = block.amin(dim=-1, keepdim=True).clamp(max=0).float()
         hi = block.amax(dim=-1, keepdim=True).clamp(min=0).float()
@@ -145,7 +183,7 @@ class AffineGrid(ScaleGrid):
                check: bool = True) -> torch.Tensor:
         if check:
             _check_finite(x)
-        return self.round(x.to(work) / p.scale.to(work) + p.zero.to(work))
+        return _by_rows(lambda xs, ps: self.round(xs.to(work) / ps.scale.to(work) + ps.zero.to(work)), x, p)
 
     def decode(self, codes: torch.Tensor, p: QParams) -> torch.Tensor:
         # compressed-tensors: (x_q - zero_point) * scale, all in the scale's dtype
