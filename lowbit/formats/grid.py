@@ -40,7 +40,9 @@ def _scale_from_amax(amax: torch.Tensor, qmax: float, dtype: torch.dtype) -> tor
     """
     amax = amax.float()
     # An all-zero tensor or row has no range; any scale codes it exactly, 1.0 keeps it finite.
-    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    # A subnormal amax would make amax / qmax underflow to a zero scale (x / 0 in every
+    # consumer): the smallest normal float32 still covers it.
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax)).clamp(min=torch.finfo(torch.float32).tiny)
     stored = scale.to(dtype)
     below = stored.float() < scale
     return torch.where(below, torch.nextafter(stored, torch.full_like(stored, torch.inf)), stored)
