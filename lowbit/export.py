@@ -24,7 +24,7 @@ import compressed_tensors
 from .errors import LowbitError
 from .formats.grid import Quantized
 from .formats.pack import pack_fp4, pack_int32
-from .outdir import atomic_dir
+from .outdir import atomic_dir, writing
 from .schemes import QuantSpec, Scheme
 
 # Files of the source directory that describe weights; everything else (tokenizer, chat
@@ -246,7 +246,8 @@ class CheckpointWriter:
 
     def end_layer(self, index: int) -> None:
         if self._buffered >= self.shard_bytes:
-            self._flush()
+            with writing(self.out):
+                self._flush()
 
     def _flush(self) -> None:
         if not self._buffer:
@@ -260,16 +261,6 @@ class CheckpointWriter:
         self._buffer, self._buffered = {}, 0
 
     def _finish(self) -> None:
-        self._flush()
-        n = len(self._shards)
-        weight_map = {}
-        for k, names in enumerate(self._shards, 1):
-            final = f"model-{k:05d}-of-{n:05d}.safetensors"
-            (self.tmp / f"shard-{k:05d}.safetensors").rename(self.tmp / final)
-            weight_map.update({name: final for name in names})
-        index = {"metadata": {"total_size": self.tensor_bytes},
-                 "weight_map": dict(sorted(weight_map.items()))}
-        (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
         config = json.loads((self.source / "config.json").read_text())
         ignore = sorted(set(self._ignored) | {"lm_head"})
         config["quantization_config"] = quantization_config(self.scheme, ignore)
@@ -277,9 +268,21 @@ class CheckpointWriter:
             pruned, total = self._pruned
             config["quantization_config"]["sparsity_config"] = sparsity_config(
                 self.scheme, ignore, pruned / total if total else 0.0)
-        (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        for f in sorted(self.source.iterdir()):
-            if f.is_file() and f.name not in _WEIGHT_FILES and not f.name.endswith(_WEIGHT_SUFFIXES):
+        copied = [f for f in sorted(self.source.iterdir())
+                  if f.is_file() and f.name not in _WEIGHT_FILES and not f.name.endswith(_WEIGHT_SUFFIXES)]
+        with writing(self.out):
+            self._flush()
+            n = len(self._shards)
+            weight_map = {}
+            for k, names in enumerate(self._shards, 1):
+                final = f"model-{k:05d}-of-{n:05d}.safetensors"
+                (self.tmp / f"shard-{k:05d}.safetensors").rename(self.tmp / final)
+                weight_map.update({name: final for name in names})
+            index = {"metadata": {"total_size": self.tensor_bytes},
+                     "weight_map": dict(sorted(weight_map.items()))}
+            (self.tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+            (self.tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+            for f in copied:
                 shutil.copyfile(f, self.tmp / f.name)
-        for name, text in self._files.items():
-            (self.tmp / name).write_text(text)
+            for name, text in self._files.items():
+                (self.tmp / name).write_text(text)

@@ -4,8 +4,10 @@ one-line errors with exit code 2, and the Python API that the CLI mirrors."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import json
+import os
 import random
 import shutil
 import subprocess
@@ -18,7 +20,10 @@ import torch
 from lowbit import api
 from lowbit.cli import main
 from lowbit.schemes import PRESETS
-from tiny import tensors, tiny_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+from tiny import tensors, tiny_config, tiny_model, tiny_tokenizer
 
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex jumbo plums "
          "and every model learns to predict the next byte of text").split()
@@ -177,10 +182,78 @@ def _mr_gptq_without_groups(src, out, data, tmp):
     return argv, "power-of-two group size"
 
 
-@pytest.mark.parametrize("case", [_missing_model, _unknown_scheme, _existing_out, _seq_len_too_long,
-                                  _nothing_usable, _unknown_extension, _unknown_device, _gpu_missing,
-                                  _mr_gptq_without_groups],
-                         ids=lambda c: c.__name__[1:])
+def _copy_model(src, tmp) -> Path:
+    return shutil.copytree(src, tmp / "model")
+
+
+def _truncated_safetensors(src, out, data, tmp):
+    model = _copy_model(src, tmp)
+    shard = sorted(model.glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    return quantize_args(model, out, data["jsonl"]), "not a valid safetensors file"
+
+
+def _corrupted_safetensors_header(src, out, data, tmp):
+    model = _copy_model(src, tmp)
+    shard = sorted(model.glob("*.safetensors"))[0]
+    raw = bytearray(shard.read_bytes())
+    raw[8:16] = b"\xff\xfe{[}]\x00\x01"  # the JSON header no longer parses
+    shard.write_bytes(bytes(raw))
+    return quantize_args(model, out, data["jsonl"]), "not a valid safetensors file"
+
+
+def _no_architectures(src, out, data, tmp):
+    model = _copy_model(src, tmp)
+    config = json.loads((model / "config.json").read_text())
+    del config["architectures"]
+    (model / "config.json").write_text(json.dumps(config))
+    return quantize_args(model, out, data["jsonl"]), "no 'architectures' entry"
+
+
+def _poisoned(value):
+    def case(src, out, data, tmp):
+        # the last layer's down_proj: the run has written earlier layers when it finds it
+        model = _copy_model(src, tmp)
+        name = "model.layers.1.mlp.down_proj.weight"
+        index = json.loads((model / "model.safetensors.index.json").read_text())
+        shard = model / index["weight_map"][name]
+        weights = load_file(shard)
+        weights[name][3, 5] = value
+        save_file(weights, shard, metadata={"format": "pt"})
+        return quantize_args(model, out, data["jsonl"]), f"{name} contains NaN or Inf"
+    case.__name__ = f"_{value}_weight"
+    return case
+
+
+def _empty_dataset(src, out, data, tmp):
+    empty = tmp / "empty.jsonl"
+    empty.write_text("")
+    return quantize_args(src, out, empty), "no usable records"
+
+
+def _too_short_dataset(src, out, data, tmp):
+    short = tmp / "short.jsonl"  # records, but none long enough to calibrate on
+    short.write_text("".join(json.dumps({"text": w}) + "\n" for w in ("hi", "ok", "no", "yes") * 10))
+    return quantize_args(src, out, short, "--seq-len", "64"), "no usable calibration samples"
+
+
+def _scheme_the_architecture_cannot_take(src, out, data, tmp):
+    # widths 72 and 144: no group size vLLM's INT4 kernels take (128, 64, 32) divides them
+    config = tiny_config("llama")
+    config.update(dict(hidden_size=72, intermediate_size=144, head_dim=18))
+    model = tmp / "wide"
+    AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).save_pretrained(model)
+    tiny_tokenizer().save_pretrained(model)
+    argv = ["quantize", model, out, "--scheme", "W4A16", "--dataset", data["jsonl"], *ARGS]
+    return argv, "no vLLM group size"
+
+
+@pytest.mark.parametrize("case", [
+    _missing_model, _unknown_scheme, _existing_out, _seq_len_too_long, _nothing_usable,
+    _unknown_extension, _truncated_safetensors, _corrupted_safetensors_header, _no_architectures,
+    _poisoned(float("nan")), _poisoned(float("inf")), _empty_dataset, _too_short_dataset,
+    _scheme_the_architecture_cannot_take, _unknown_device, _gpu_missing, _mr_gptq_without_groups],
+    ids=lambda c: c.__name__[1:])
 def test_user_errors_are_one_line_with_exit_code_2_and_leave_nothing(case, tiny_dir, datasets, tmp_path):
     out = tmp_path / "work" / "out"
     out.parent.mkdir()
@@ -323,3 +396,65 @@ def test_api_evaluate_returns_what_eval_json_prints(quantized, tiny_dir, dataset
     assert set(result) == set(printed)
     for key in ("ppl", "baseline_ppl", "kl", "top1", "tokens", "size_bytes"):
         assert result[key] == printed[key], key
+
+
+# ------------------------------------------------------------------- disks and permissions
+
+
+def assert_nothing_looks_valid(out: Path) -> None:
+    """No OUT, and nowhere beside it a config.json or model weights a loader would pick up."""
+    assert not out.exists()
+    found = [p.name for p in out.parent.rglob("*") if p.name == "config.json" or p.name.startswith("model")]
+    assert found == [], found
+
+
+@pytest.mark.parametrize("target", ["lowbit.export.save_file", "shutil.copyfile"])
+def test_a_full_disk_is_a_one_line_error_and_leaves_nothing(target, tiny_dir, datasets, tmp_path,
+                                                             monkeypatch):
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(target, no_space)
+    out = tmp_path / "work" / "out"
+    out.parent.mkdir()
+    code, stdout, stderr = run_cli(*quantize_args(tiny_dir("llama"), out, datasets["jsonl"]))
+    assert code == 2, stderr
+    assert stdout == "" and len(stderr.splitlines()) == 1, stderr
+    assert stderr.startswith("lowbit: error: ") and "No space left on device" in stderr
+    assert "free" in stderr  # says what to do
+    assert_nothing_looks_valid(out)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores directory permissions")
+def test_a_read_only_output_directory_is_a_one_line_error(tiny_dir, datasets, tmp_path):
+    parent = tmp_path / "ro"
+    parent.mkdir()
+    parent.chmod(0o555)
+    try:
+        code, stdout, stderr = run_cli(*quantize_args(tiny_dir("llama"), parent / "out", datasets["jsonl"]))
+        assert code == 2 and stdout == ""
+        assert stderr.splitlines() == [f"lowbit: error: cannot write to {parent}: permission denied "
+                                       "or not a directory"]
+        assert list(parent.iterdir()) == []
+    finally:
+        parent.chmod(0o755)
+
+
+def test_a_read_only_file_system_is_a_one_line_error(tiny_dir, datasets, tmp_path, monkeypatch):
+    # root (as in CI containers) may write anywhere, so simulate the mount: every directory
+    # made under tmp_path fails as on a read-only file system
+    real_mkdir = os.mkdir
+
+    def read_only(path, *args, **kwargs):
+        if str(path).startswith(str(tmp_path)):
+            raise OSError(errno.EROFS, "Read-only file system", str(path))
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", read_only)
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(*quantize_args(tiny_dir("llama"), out, datasets["jsonl"]))
+    assert code == 2 and stdout == ""
+    assert stderr.splitlines() == [f"lowbit: error: cannot write {out}: Read-only file system; "
+                                   "write OUT to a writable file system"]
+    assert_nothing_looks_valid(out)
+    assert hidden_siblings(out) == []

@@ -43,7 +43,10 @@ def _scale_from_amax(amax: torch.Tensor, qmax: float, dtype: torch.dtype) -> tor
     # An all-zero tensor or row has no range; any scale codes it exactly, 1.0 keeps it finite.
     # Divide by a tensor, not a Python number: CUDA turns division by a scalar into
     # multiplication by its reciprocal, which rounds differently and changes stored scales.
+    # A subnormal amax would make amax / qmax underflow to a zero scale (x / 0 in every
+    # consumer): the smallest normal float32 still covers it.
     scale = torch.where(amax > 0, amax / torch.full_like(amax, qmax), torch.ones_like(amax))
+    scale = scale.clamp(min=torch.finfo(torch.float32).tiny)
     stored = scale.to(dtype)
     below = stored.float() < scale
     return torch.where(below, _next_up(stored), stored)
