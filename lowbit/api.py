@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import hashlib
 import json
 import logging
 import time
@@ -16,6 +17,7 @@ from .checkpoint import Checkpoint, load_tokenizer
 from .errors import LowbitError
 from .export import CheckpointWriter
 from .outdir import check_output
+from .partial import software_fingerprint, source_fingerprint
 from .pipeline import REPORT_SAMPLES, needs_calibration, quantize_layers, resolve_group_size
 from .schemes import Scheme, get_scheme
 
@@ -42,6 +44,17 @@ def _check_seq_len(ckpt: Checkpoint, seq_len: int) -> None:
     limit = ckpt.config_dict.get("max_position_embeddings")
     if limit and seq_len > limit:
         raise LowbitError(f"--seq-len {seq_len} exceeds the model's maximum of {limit} positions")
+
+
+def _fingerprint(ckpt: Checkpoint, scheme: Scheme, batches: list[torch.Tensor], source: str,
+                 dropped: int) -> dict:
+    """What a resumed run must share with the run it continues: everything the bytes depend on."""
+    tokens = hashlib.sha256()
+    for b in batches:
+        tokens.update(len(b).to_bytes(8, "little") + b.numpy().tobytes())
+    return {"software": software_fingerprint(), "input checkpoint": source_fingerprint(ckpt.path),
+            "scheme and options": repr(scheme),
+            "calibration data": {"dataset": source, "dropped": dropped, "tokens": tokens.hexdigest()}}
 
 
 def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *,
@@ -83,7 +96,9 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
         source, dropped = records.source, records.dropped
         del records  # the parsed dataset (hundreds of MB for ShareGPT) is not needed past here
         _release_memory()
-        with CheckpointWriter(out, ckpt.path, scheme, overwrite=overwrite) as writer:
+        # resumable: a rerun with the same fingerprint continues where a killed run stopped
+        fingerprint = _fingerprint(ckpt, scheme, batches, source, dropped)
+        with CheckpointWriter(out, ckpt.path, scheme, overwrite=overwrite, fingerprint=fingerprint) as writer:
             layers = quantize_layers(ckpt, scheme, batches, writer)
             worst = sorted(layers, key=lambda r: -r["rel_error"])
             summary = {

@@ -129,7 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--kv-scale", choices=["calibrated", "unit"],
                    help="calibrated (default): K and V share one scale, max(amax)/448, as in AMD's "
                    "MLPerf recipe; unit: 1.0")
-    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists, and discard "
+                   "an unfinished run with other arguments (a killed run is resumed by rerunning "
+                   "the same command)")
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     q.set_defaults(func=_cmd_quantize)
 

@@ -5,6 +5,7 @@ or per token) exactly as a serving engine computes them."""
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -38,16 +39,36 @@ def _scheme_for(name: str, module: nn.Module, qcfg: dict) -> dict | None:
     return None
 
 
-def _stored(ckpt: Checkpoint, name: str, spec: QuantSpec) -> Quantized:
-    """A Linear's codes and parameters as written (plain, or pack-quantized into int32)."""
-    scale = ckpt.tensor(f"{name}.weight_scale")
-    if f"{name}.weight_packed" not in ckpt.files:
-        return Quantized(ckpt.tensor(f"{name}.weight"), scale, grid_for(spec))
-    shape = tuple(ckpt.tensor(f"{name}.weight_shape").tolist())
-    codes = unpack_int32(ckpt.tensor(f"{name}.weight_packed"), spec.bits, shape)
+class _Tensors(Mapping):
+    """A checkpoint's tensors as a read-on-access mapping."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.ckpt.tensor(name)
+
+    def __contains__(self, name) -> bool:
+        return name in self.ckpt.files
+
+    def __iter__(self):
+        return iter(self.ckpt.files)
+
+    def __len__(self) -> int:
+        return len(self.ckpt.files)
+
+
+def stored_linear(tensors: Mapping[str, torch.Tensor], name: str, spec: QuantSpec) -> Quantized:
+    """A Linear's codes and parameters as written (plain, or pack-quantized into int32), from
+    a mapping of checkpoint names to tensors (a Checkpoint's or a writer's)."""
+    scale = tensors[f"{name}.weight_scale"]
+    if f"{name}.weight_packed" not in tensors:
+        return Quantized(tensors[f"{name}.weight"], scale, grid_for(spec))
+    shape = tuple(tensors[f"{name}.weight_shape"].tolist())
+    codes = unpack_int32(tensors[f"{name}.weight_packed"], spec.bits, shape)
     zero = None
-    if f"{name}.weight_zero_point" in ckpt.files:
-        zero = unpack_int32(ckpt.tensor(f"{name}.weight_zero_point"), spec.bits, tuple(scale.shape), dim=0)
+    if f"{name}.weight_zero_point" in tensors:
+        zero = unpack_int32(tensors[f"{name}.weight_zero_point"], spec.bits, tuple(scale.shape), dim=0)
     return Quantized(codes, scale, grid_for(spec), zero)
 
 
@@ -78,7 +99,7 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
                 if tied and full == "lm_head.weight":
                     continue
                 if group is not None and pname == "weight":
-                    q = _stored(ckpt, name, spec_from_args(group["weights"]))
+                    q = stored_linear(_Tensors(ckpt), name, spec_from_args(group["weights"]))
                     module.weight = nn.Parameter(q.dequantize().to(dtype), requires_grad=False)
                 else:
                     ckpt.materialize_param(module, pname, full, dtype)
