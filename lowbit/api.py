@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -16,6 +17,7 @@ from .errors import LowbitError
 from .export import CheckpointWriter
 from .memory import release_memory
 from .outdir import check_output
+from .partial import software_fingerprint, source_fingerprint
 from .pipeline import needs_calibration, quantize_layers, resolve_group_size
 from .schemes import Scheme, get_scheme
 
@@ -49,6 +51,17 @@ def _check_seq_len(ckpt: Checkpoint, seq_len: int) -> None:
     limit = ckpt.config_dict.get("max_position_embeddings")
     if limit and seq_len > limit:
         raise LowbitError(f"--seq-len {seq_len} exceeds the model's maximum of {limit} positions")
+
+
+def _fingerprint(ckpt: Checkpoint, scheme: Scheme, batches: list[torch.Tensor], source: str,
+                 dropped: int) -> dict:
+    """What a resumed run must share with the run it continues: everything the bytes depend on."""
+    tokens = hashlib.sha256()
+    for b in batches:
+        tokens.update(len(b).to_bytes(8, "little") + b.numpy().tobytes())
+    return {"software": software_fingerprint(), "input checkpoint": source_fingerprint(ckpt.path),
+            "scheme and options": repr(scheme),
+            "calibration data": {"dataset": source, "dropped": dropped, "tokens": tokens.hexdigest()}}
 
 
 def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *,
@@ -103,7 +116,12 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
             del records  # the parsed dataset (hundreds of MB for ShareGPT) is not needed past here
             release_memory()  # the parsed dataset's pages must not add to calibration's peak
         # under torchrun every rank calibrates on its share of the samples; rank 0 writes
-        writer = CheckpointWriter(out, ckpt.path, scheme, overwrite=overwrite) \
+        # resumable: a rerun with the same fingerprint continues where a killed run stopped
+        # (not under torchrun, whose ranks would have to agree on where; nor with pruning,
+        # whose global sparsity is counted over the whole run)
+        resumable = not distributed.active() and scheme.sparsity is None
+        fingerprint = _fingerprint(ckpt, scheme, batches, source, dropped) if resumable else None
+        writer = CheckpointWriter(out, ckpt.path, scheme, overwrite=overwrite, fingerprint=fingerprint) \
             if distributed.is_main() else distributed.Discard()
         with writer:
             layers = quantize_layers(ckpt, scheme, batches, writer, device=where)

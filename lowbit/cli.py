@@ -166,7 +166,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto", help="where layers are calibrated and solved: auto "
                    "(a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N; the model "
                    "is still read one layer at a time, so a GPU needs room for one layer only")
-    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists, and discard "
+                   "an unfinished run with other arguments (a killed run is resumed by rerunning "
+                   "the same command)")
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     q.set_defaults(func=_cmd_quantize)
 

@@ -145,6 +145,9 @@ def merge_hessian(h) -> None:
 class Discard:
     """The writer of ranks other than 0: they compute what rank 0 writes, and keep nothing."""
 
+    layers_done = 0  # distributed runs do not resume
+    resumed_report: list = []
+
     def __enter__(self) -> "Discard":
         return self
 

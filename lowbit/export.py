@@ -8,6 +8,7 @@ algorithm produced them; nothing is rounded here.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -17,6 +18,7 @@ import torch
 from compressed_tensors.config import DenseSparsityConfig
 from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
 from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 import compressed_tensors
@@ -25,6 +27,7 @@ from .errors import LowbitError
 from .formats.grid import Quantized
 from .formats.pack import pack_fp4, pack_int32
 from .outdir import atomic_dir, writing
+from .partial import MANIFEST, fsync_path, partial_dir
 from .schemes import QuantSpec, Scheme
 
 # Files of the source directory that describe weights; everything else (tokenizer, chat
@@ -176,34 +179,112 @@ def check_fused(prefix: str, sets: list[tuple[str, ...]], quantized: dict[str, Q
 
 
 class CheckpointWriter:
-    """Streams a compressed-tensors checkpoint into OUT. Use as a context manager."""
+    """Streams a compressed-tensors checkpoint into OUT. Use as a context manager.
+
+    With a `fingerprint` (what identifies the run: arguments, input, software) the writer is
+    resumable: every end_layer() writes that layer's shard, fsyncs it and commits the layer in
+    the work directory's manifest, and a writer opened later with the same fingerprint starts
+    with those layers done (`layers_done`, `resumed_report`, `stored()`).
+    """
 
     def __init__(self, out: str | Path, source: str | Path, scheme: Scheme, *,
-                 overwrite: bool = False, shard_bytes: int = 128 * 2**20):
+                 overwrite: bool = False, shard_bytes: int = 128 * 2**20,
+                 fingerprint: dict | None = None):
         self.out, self.source, self.scheme = Path(out), Path(source), scheme
         self.shard_bytes = shard_bytes
         self.format = compression_format(scheme)
-        self._dir_ctx = atomic_dir(self.out, overwrite)
+        self.fingerprint = fingerprint
+        self._dir_ctx = (atomic_dir(self.out, overwrite) if fingerprint is None else
+                         partial_dir(self.out, fingerprint, overwrite, keep=self._resumable))
+        self._partial = None
+        self._write_failed = False
         self._buffer: dict[str, torch.Tensor] = {}
         self._buffered = 0
         self._shards: list[list[str]] = []
         self._ignored: list[str] = []
         self._files: dict[str, str] = {}
+        self._report: list = []
         self.tensor_bytes = 0
         self._pruned = [0, 0]  # pruned weights, weights of pruned Linears
+        self.layers_done = 0
+        self.resumed_report: list = []
 
     def __enter__(self) -> "CheckpointWriter":
-        self.tmp = self._dir_ctx.__enter__()
+        opened = self._dir_ctx.__enter__()
+        if self.fingerprint is None:
+            self.tmp = opened
+        else:
+            self._partial, self.tmp = opened, opened.path
+            try:
+                self._resume(opened.state)
+            except BaseException as e:
+                self._dir_ctx.__exit__(type(e), e, e.__traceback__)
+                raise
         return self
+
+    def _resume(self, state: dict) -> None:
+        """Take over the committed layers of an earlier run; remove whatever it left past them."""
+        self.layers_done = state["layers_done"]
+        self._shards = state.get("shards", [])
+        self._ignored = state.get("ignored", [])
+        self.tensor_bytes = state.get("tensor_bytes", 0)
+        self._report = state.get("report", [])
+        self.resumed_report = list(self._report)
+        self._tidy()
+
+    def _tidy(self) -> None:
+        """Leave only the manifest and the committed shards, under their working names (a run
+        stopped while finishing has renamed some and written index and config)."""
+        keep = {MANIFEST}
+        for k in range(1, len(self._shards) + 1):
+            shard = self.tmp / f"shard-{k:05d}.safetensors"
+            for final in [] if shard.exists() else self.tmp.glob(f"model-{k:05d}-of-*.safetensors"):
+                final.rename(shard)  # renamed by a run killed while finishing
+            if not shard.exists():
+                raise LowbitError(f"{self.tmp} has lost {shard.name}; pass --overwrite to start over")
+            keep.add(shard.name)
+        for f in self.tmp.iterdir():
+            if f.name not in keep:
+                f.unlink()
+
+    def _resumable(self, exc: BaseException, state: dict) -> bool:
+        """Whether to keep the work directory after `exc`: a rerun can continue it when the run
+        was interrupted or the disk failed, and something was committed."""
+        return state["layers_done"] > 0 and (isinstance(exc, KeyboardInterrupt) or self._write_failed)
+
+    @contextlib.contextmanager
+    def _writing(self):
+        try:
+            with writing(self.out):
+                yield
+        except LowbitError as e:
+            self._write_failed = True
+            if self._partial is not None and self.layers_done:
+                raise LowbitError(f"{e} (layers 0-{self.layers_done - 1} are kept: rerun the same "
+                                  "command to resume)") from None
+            raise
 
     def __exit__(self, exc_type, exc, tb):
         if exc_type is None:
             try:
                 self._finish()
             except BaseException as e:
+                if self._partial is not None and self._resumable(e, self._partial.state):
+                    with contextlib.suppress(OSError, LowbitError):
+                        self._tidy()  # kept for a rerun: nothing in it may look like a checkpoint
                 self._dir_ctx.__exit__(type(e), e, e.__traceback__)
                 raise
         return self._dir_ctx.__exit__(exc_type, exc, tb)
+
+    def stored(self, prefix: str) -> dict[str, torch.Tensor]:
+        """Every committed tensor whose name starts with `prefix`, read back from its shard."""
+        found = {}
+        for k, names in enumerate(self._shards, 1):
+            mine = [n for n in names if n.startswith(prefix)]
+            if mine:
+                with safe_open(self.tmp / f"shard-{k:05d}.safetensors", "pt") as f:
+                    found.update({n: f.get_tensor(n) for n in mine})
+        return found
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """An unquantized tensor, stored as is."""
@@ -244,10 +325,21 @@ class CheckpointWriter:
     def add_file(self, name: str, text: str) -> None:
         self._files[name] = text
 
-    def end_layer(self, index: int) -> None:
-        if self._buffered >= self.shard_bytes:
+    def end_layer(self, index: int, report: list | tuple = ()) -> None:
+        """Layer `index` is complete; `report` (JSON-able rows) is kept with it for a resume.
+        Every layer gets its own shard (so a resumable run and any other, a torchrun one
+        included, write the same files); a resumable writer also commits it."""
+        self._report.extend(report)
+        if self._partial is None:
             with writing(self.out):
                 self._flush()
+            return
+        with self._writing():
+            self._flush()
+            self._partial.commit({**self._partial.state, "layers_done": index + 1,
+                                  "shards": self._shards, "ignored": self._ignored,
+                                  "tensor_bytes": self.tensor_bytes, "report": self._report})
+        self.layers_done = index + 1
 
     def _flush(self) -> None:
         if not self._buffer:
@@ -256,6 +348,8 @@ class CheckpointWriter:
         save_file(self._buffer, str(path), metadata={"format": "pt"})
         # safetensors creates files owner-only; give shards the mode every other file gets
         os.chmod(path, 0o666 & ~_umask())
+        if self._partial is not None:
+            fsync_path(path)  # on disk before the manifest says so
         self.tensor_bytes += sum(t.numel() * t.element_size() for t in self._buffer.values())
         self._shards.append(sorted(self._buffer))
         self._buffer, self._buffered = {}, 0
@@ -270,7 +364,7 @@ class CheckpointWriter:
                 self.scheme, ignore, pruned / total if total else 0.0)
         copied = [f for f in sorted(self.source.iterdir())
                   if f.is_file() and f.name not in _WEIGHT_FILES and not f.name.endswith(_WEIGHT_SUFFIXES)]
-        with writing(self.out):
+        with self._writing():
             self._flush()
             n = len(self._shards)
             weight_map = {}

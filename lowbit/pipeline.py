@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import fnmatch
+import logging
 import re
 from dataclasses import dataclass
 
@@ -29,9 +30,12 @@ from .formats.grid import Quantized, activation_qdq, grid_for
 from .models import arch_for, decoder_layers, layer_layout, linears
 from .memory import release_memory
 from .progress import progress
+from .runtime.load import stored_linear
 from .schemes import Scheme
 from .smoothing import SAMPLE_TOKENS, smooth_set
 from .stats import AbsMax, Hessian
+
+log = logging.getLogger(__name__)
 
 
 class _Stop(Exception):
@@ -301,6 +305,36 @@ def _input_scale(scheme: Scheme, amax: AbsMax, dtype: torch.dtype) -> torch.Tens
     return grid_for(scheme.inputs, dtype).bind_amax(amax.value.max()).tensor_scale.reshape(1)
 
 
+@torch.no_grad()
+def _replay(layer, prefix: str, stored: dict[str, torch.Tensor], scheme: Scheme, hidden, kwargs,
+            dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+    """Run layer i as an earlier run wrote it (resume): its parameters as stored (quantized
+    Linears dequantized from their codes, smoothed norms as folded), its inputs quantized with
+    the stored scales, through the same forward as _propagate, so `hidden` becomes bit for bit
+    what that run handed to layer i+1."""
+    targets, act_quant = {}, {}
+    for n, lin in linears(layer).items():
+        if f"{prefix}{n}.weight_scale" in stored:
+            targets[n] = lin
+            quant = None
+            if scheme.inputs is not None:
+                scale = stored.get(f"{prefix}{n}.input_scale")
+                quant = activation_qdq(scheme.inputs, scale.to(device) if scale is not None else None)
+            if quant is not None or scheme.rotation_block:
+                act_quant[n] = online_input(scheme.rotation_block, quant)
+    for name, _ in list(layer.named_parameters()):
+        owner, _, leaf = name.rpartition(".")
+        module = layer.get_submodule(owner) if owner else layer
+        if owner in targets and leaf == "weight":
+            value = stored_linear(stored, prefix + owner, scheme.weights).dequantize()
+        else:
+            value = stored[prefix + name]
+        setattr(module, leaf, nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False))
+    attn = attention_modules(layer) if scheme.kv_cache is not None else {}
+    _propagate(layer, targets, {}, act_quant, hidden, kwargs, 0,
+               {m: (AbsMax(), AbsMax()) for m in attn.values()})
+
+
 VLLM_GROUP_SIZES = (128, 64, 32)  # what vLLM's Marlin/Machete WNA16 kernels take
 
 
@@ -361,6 +395,17 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
     arch = arch_for(model)
     layers = decoder_layers(model, arch)
     ckpt.load_outer(model, arch.layers, dtype, device)
+    start, report = writer.layers_done, list(writer.resumed_report)
+    if start == len(layers):  # the earlier run was stopped while finishing
+        log.warning("resuming: all %d layers were written by an earlier run", start)
+        return report
+    if start:
+        done = "layer 0 was" if start == 1 else f"layers 0-{start - 1} were"
+        log.warning("resuming from layer %d of %d (%s written by an earlier run)", start, len(layers), done)
+    else:
+        outer = [n for n in ckpt.names() if not n.startswith(arch.layers + ".")]
+        for name in sorted(outer):
+            writer.add(name, ckpt.tensor(name))
     # Data-free schemes get no samples: no forward runs, and the report is the weight error.
     data_free = not samples
     if data_free and needs_calibration(scheme):
@@ -379,14 +424,20 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
     report_batches = max(0, min(report_batches - first, len(hidden)))
     _drop_outer(model, arch.layers)  # embeddings and lm_head are not needed past this point
     static_inputs = scheme.static_inputs
-    report, sets = [], None
+    sets = None
     for i in progress(range(len(layers)), "quantizing layers"):
         layer, prefix = layers[i], f"{arch.layers}.{i}."
-        ckpt.materialize(layer, prefix, dtype, device)
-        layer.to(device)  # its buffers, if any
+        if i >= start or sets is None:  # a replayed layer is read from OUT, not from the input
+            ckpt.materialize(layer, prefix, dtype, device)
+            layer.to(device)  # its buffers, if any
         if sets is None:
             layout = layer_layout(layer, (hidden[0],), kwargs[0][0])
             sets = layout.sets
+        if i < start:
+            if not data_free:  # a data-free run has no activations to carry forward
+                _replay(layer, prefix, writer.stored(prefix), scheme, hidden, kwargs[i], dtype, device)
+            layer.to("meta")
+            continue
         targets = {n: m for n, m in linears(layer).items() if not is_ignored(prefix + n, scheme.ignore)}
         for s in sets:
             if 0 < sum(n in targets for n in s) < len(s):
@@ -452,13 +503,10 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
             scale = kv_cache_scale(*kv_stats[m], scheme.kv_cache, scheme.kv_scale)
             writer.add(f"{prefix}{name}.k_scale", scale)
             writer.add(f"{prefix}{name}.v_scale", scale.clone())
-        writer.end_layer(i)
-        report += [{"name": prefix + n, "rel_error": errors[n]} for n in targets]
+        rows = [{"name": prefix + n, "rel_error": errors[n]} for n in targets]
+        writer.end_layer(i, rows)
+        report += rows
         del originals, quantized
         layer.to("meta")  # give the layer's memory back before reading the next one
         release_memory()
-    # embeddings, lm_head, final norm: copied as they are, last, so they are never held in
-    # memory beside a layer being quantized
-    for name in sorted(n for n in ckpt.names() if not n.startswith(arch.layers + ".")):
-        writer.add(name, ckpt.tensor(name))
     return report

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -70,21 +71,41 @@ def _matches(name: str, module: nn.Module, patterns: list[str]) -> bool:
                or (p.startswith("re:") and re.match(p[3:], name)) for p in patterns)
 
 
-def _stored(ckpt: Checkpoint, name: str, spec: QuantSpec) -> Quantized:
-    """A Linear's codes and parameters as written (plain, or pack-quantized into int32)."""
-    scale = ckpt.tensor(f"{name}.weight_scale")
+class _Tensors(Mapping):
+    """A checkpoint's tensors as a read-on-access mapping."""
+
+    def __init__(self, ckpt: Checkpoint):
+        self.ckpt = ckpt
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.ckpt.tensor(name)
+
+    def __contains__(self, name) -> bool:
+        return name in self.ckpt.files
+
+    def __iter__(self):
+        return iter(self.ckpt.files)
+
+    def __len__(self) -> int:
+        return len(self.ckpt.files)
+
+
+def stored_linear(tensors: Mapping[str, torch.Tensor], name: str, spec: QuantSpec) -> Quantized:
+    """A Linear's codes and parameters as written (plain, or pack-quantized into int32), from
+    a mapping of checkpoint names to tensors (a Checkpoint's or a writer's)."""
+    scale = tensors[f"{name}.weight_scale"]
     if spec.format in ("nvfp4", "mxfp4"):
         grid = grid_for(spec)
-        if f"{name}.weight_global_scale" in ckpt.files:
-            grid = dataclasses.replace(grid, tensor_scale=ckpt.tensor(f"{name}.weight_global_scale").float())
-        return Quantized(unpack_fp4(ckpt.tensor(f"{name}.weight_packed")), scale, grid)
-    if f"{name}.weight_packed" not in ckpt.files:
-        return Quantized(ckpt.tensor(f"{name}.weight"), scale, grid_for(spec))
-    shape = tuple(ckpt.tensor(f"{name}.weight_shape").tolist())
-    codes = unpack_int32(ckpt.tensor(f"{name}.weight_packed"), spec.bits, shape)
+        if f"{name}.weight_global_scale" in tensors:
+            grid = dataclasses.replace(grid, tensor_scale=tensors[f"{name}.weight_global_scale"].float())
+        return Quantized(unpack_fp4(tensors[f"{name}.weight_packed"]), scale, grid)
+    if f"{name}.weight_packed" not in tensors:
+        return Quantized(tensors[f"{name}.weight"], scale, grid_for(spec))
+    shape = tuple(tensors[f"{name}.weight_shape"].tolist())
+    codes = unpack_int32(tensors[f"{name}.weight_packed"], spec.bits, shape)
     zero = None
-    if f"{name}.weight_zero_point" in ckpt.files:
-        zero = unpack_int32(ckpt.tensor(f"{name}.weight_zero_point"), spec.bits, tuple(scale.shape), dim=0)
+    if f"{name}.weight_zero_point" in tensors:
+        zero = unpack_int32(tensors[f"{name}.weight_zero_point"], spec.bits, tuple(scale.shape), dim=0)
     return Quantized(codes, scale, grid_for(spec), zero)
 
 
@@ -115,7 +136,7 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
                 if tied and full == "lm_head.weight":
                     continue
                 if group is not None and pname == "weight":
-                    q = _stored(ckpt, name, spec_from_args(group["weights"]))
+                    q = stored_linear(_Tensors(ckpt), name, spec_from_args(group["weights"]))
                     module.weight = nn.Parameter(q.dequantize().to(dtype), requires_grad=False)
                 else:
                     ckpt.materialize_param(module, pname, full, dtype)
