@@ -54,13 +54,13 @@ def _check_seq_len(ckpt: Checkpoint, seq_len: int) -> None:
 
 
 def _fingerprint(ckpt: Checkpoint, scheme: Scheme, batches: list[torch.Tensor], source: str,
-                 dropped: int) -> dict:
+                 dropped: int, device: torch.device) -> dict:
     """What a resumed run must share with the run it continues: everything the bytes depend on."""
     tokens = hashlib.sha256()
     for b in batches:
         tokens.update(len(b).to_bytes(8, "little") + b.numpy().tobytes())
     return {"software": software_fingerprint(), "input checkpoint": source_fingerprint(ckpt.path),
-            "scheme and options": repr(scheme),
+            "scheme and options": repr(scheme), "device": device.type,  # GPU bf16 matmuls differ
             "calibration data": {"dataset": source, "dropped": dropped, "tokens": tokens.hexdigest()}}
 
 
@@ -120,7 +120,7 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
         # (not under torchrun, whose ranks would have to agree on where; nor with pruning,
         # whose global sparsity is counted over the whole run)
         resumable = not distributed.active() and scheme.sparsity is None
-        fingerprint = _fingerprint(ckpt, scheme, batches, source, dropped) if resumable else None
+        fingerprint = _fingerprint(ckpt, scheme, batches, source, dropped, where) if resumable else None
         writer = CheckpointWriter(out, ckpt.path, scheme, overwrite=overwrite, fingerprint=fingerprint) \
             if distributed.is_main() else distributed.Discard()
         with writer:
