@@ -134,22 +134,9 @@ class FP4Grid:
         if not torch.isfinite(block).all():
             raise ValueError("cannot quantize a tensor containing NaN or Inf")
         amax = block.abs().amax(dim=-1, keepdim=True).float()
-        cands = self._candidates(amax)
-        from .grid import QParams  # noqa: F811 (grid.py imports this module: import late)
+        from .grid import best_per_row  # grid.py imports this module: import late
 
-        best, best_err = None, None
-        for c in cands:
-            p = QParams(c)
-            if len(cands) == 1:
-                return p
-            err = (self.decode(self._codes(block, p), p).double() - block.double()).pow(2).sum(-1, keepdim=True)
-            if best is None:
-                best, best_err = c, err
-            else:
-                better = err < best_err
-                best = torch.where(better, c.view(torch.uint8), best.view(torch.uint8)).view(c.dtype)
-                best_err = torch.minimum(err, best_err)
-        return QParams(best)
+        return best_per_row(self, block, self._candidates(amax))
 
     def encode(self, x: torch.Tensor, p: "QParams", work: torch.dtype = torch.float64,
                check: bool = True) -> torch.Tensor:
@@ -157,9 +144,6 @@ class FP4Grid:
         codes every element as 0, which is what any consumer decodes it to."""
         if check and not torch.isfinite(x).all():
             raise ValueError("cannot quantize a tensor containing NaN or Inf")
-        return self._codes(x, p, work)
-
-    def _codes(self, x: torch.Tensor, p: "QParams", work: torch.dtype = torch.float64) -> torch.Tensor:
         u = self.unit(p.scale).to(work)
         return round_e2m1(torch.where(u > 0, x.to(work) / torch.where(u > 0, u, 1), 0))
 

@@ -99,6 +99,29 @@ def _check_finite(x: torch.Tensor) -> None:
         raise ValueError("cannot quantize a tensor containing NaN or Inf")
 
 
+def best_per_row(grid, block: torch.Tensor, scales: list[torch.Tensor]) -> QParams:
+    """Per row of `block`, the candidate scale whose round trip decode(encode(block)) has the
+    smallest squared error, the first candidate winning ties; a lone candidate is taken as is.
+    `block` is already known to be finite."""
+    best, best_err = scales[0], None
+    if len(scales) == 1:
+        return QParams(best)
+    for s in scales:
+        p = QParams(s)
+        err = (grid.decode(grid.encode(block, p, check=False), p).double() - block.double()).pow(2)
+        err = err.sum(-1, keepdim=True)
+        if best_err is None:
+            best_err = err
+            continue
+        better = err < best_err
+        if s.element_size() == 1:  # FP8 / E8M0 scales: where() takes no float8, so pick the bytes
+            best = torch.where(better, s.view(torch.uint8), best.view(torch.uint8)).view(s.dtype)
+        else:
+            best = torch.where(better, s, best)
+        best_err = torch.minimum(err, best_err)
+    return QParams(best)
+
+
 @dataclass(frozen=True)
 class ScaleGrid:
     """A symmetric grid: codes = round(clip(x / scale)), scale = amax / qmax per block."""
@@ -135,19 +158,8 @@ class ScaleGrid:
     def _fit_rows(self, block: torch.Tensor) -> QParams:
         amax = block.abs().amax(dim=-1, keepdim=True)
         _check_finite(amax)  # NaN and Inf propagate into the maximum: one check per row, not per value
-        best, best_err = None, None
-        for p in self.shrink:
-            cand = QParams(_scale_from_amax(amax * p, self.qmax, self.scale_dtype))
-            if len(self.shrink) == 1:
-                return cand
-            err = (self.decode(self.encode(block, cand), cand).double() - block.double()).pow(2).sum(-1, keepdim=True)
-            if best is None:
-                best, best_err = cand, err
-            else:
-                better = err < best_err
-                best = QParams(torch.where(better, cand.scale, best.scale))
-                best_err = torch.minimum(err, best_err)
-        return best
+        return best_per_row(self, block, [_scale_from_amax(amax * p, self.qmax, self.scale_dtype)
+                                          for p in self.shrink])
 
     def encode(self, x: torch.Tensor, p: QParams, work: torch.dtype = torch.float64,
                check: bool = True) -> torch.Tensor:
