@@ -60,6 +60,13 @@ def load_tokenizer(path: str | Path):
         raise LowbitError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0]}") from None
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """Whether every value is finite. NaN and Inf propagate into a sum, so a finite float32
+    sum proves it in one pass without a boolean copy; only a non-finite sum (a bad value, or
+    huge finite ones overflowing) needs the elementwise scan to decide."""
+    return bool(torch.isfinite(t.sum(dtype=torch.float32))) or bool(torch.isfinite(t).all())
+
+
 class Checkpoint:
     """A Hugging Face checkpoint directory (config.json + safetensors, sharded or not)."""
 
@@ -200,6 +207,6 @@ class Checkpoint:
         expected = tuple(getattr(module, pname).shape)
         if tuple(value.shape) != expected:
             raise LowbitError(f"tensor {full} has shape {tuple(value.shape)}, the config implies {expected}")
-        if value.is_floating_point() and not torch.isfinite(value).all():
+        if value.is_floating_point() and not _all_finite(value):
             raise LowbitError(f"tensor {full} contains NaN or Inf; the checkpoint is corrupt")
         setattr(module, pname, nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False))

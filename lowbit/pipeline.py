@@ -67,6 +67,7 @@ class _Catcher(nn.Module):
 @torch.no_grad()
 def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[torch.Tensor]):
     """Layer 0's hidden states per sample, and every layer's keyword arguments per sample.
+    A sample is one sequence of token ids, or a [batch, length] stack of equal-length ones.
 
     Keyword arguments (masks, rotary embeddings) depend on positions only, and differ between
     layer types (Gemma's sliding-window layers), so each layer keeps its own.
@@ -81,7 +82,7 @@ def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[torch.
         for ids in progress(samples, "capturing inputs"):
             record.clear()
             with contextlib.suppress(_Stop):
-                model(input_ids=ids.reshape(1, -1), use_cache=False)
+                model(input_ids=ids if ids.dim() == 2 else ids.reshape(1, -1), use_cache=False)
             for j, h, kw in record:
                 if j == 0:
                     hidden.append(h)
@@ -106,21 +107,15 @@ def plan_batches(lengths: list[int], size: int = 8) -> list[list[int]]:
     return [idxs[c:c + size] for idxs in groups.values() for c in range(0, len(idxs), size)]
 
 
-def stack_batches(hidden: list[torch.Tensor], kwargs: list[list[dict]], plan: list[list[int]]):
-    """Each batch of `plan` as one stacked tensor, with its first member's keyword arguments."""
-    out_h = [torch.cat([hidden[i] for i in chunk]) for chunk in plan]
-    out_kw = [[per_layer[chunk[0]] for chunk in plan] for per_layer in kwargs]
-    return out_h, out_kw
+def stack_batches(samples: list[torch.Tensor], plan: list[list[int]]) -> list[torch.Tensor]:
+    """Each batch of `plan` as one [batch, length] tensor of token ids.
 
-
-def batch_equal_lengths(hidden: list[torch.Tensor], kwargs: list[list[dict]], size: int = 8):
-    """Stack samples of equal length into batches of up to `size` (in first-seen order).
-
-    Batched matmuls run markedly faster on CPU; samples of one length share their position
-    embeddings and need no padding mask, so a batch takes its first member's arguments.
-    Calibration samples are truncated to --seq-len, so most of them share that length.
+    Batched matmuls run markedly faster on CPU, and samples of one length share their position
+    embeddings and need no padding mask. Calibration samples are truncated to --seq-len, so
+    most of them share that length. Capturing whole batches (rather than stacking captured
+    samples) keeps a single copy of the activations.
     """
-    return stack_batches(hidden, kwargs, plan_batches([h.shape[1] for h in hidden], size))
+    return [torch.stack([samples[i] for i in chunk]) for chunk in plan]
 
 
 def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
@@ -159,9 +154,11 @@ class _SetStats:
 
 
 @torch.no_grad()
-def _collect(layer, targets, sets, hidden, kwargs, scheme: Scheme, later=()) -> dict[tuple, _SetStats]:
+def _collect(layer, targets, sets, hidden, kwargs, scheme: Scheme, later=(), kv_stats=None,
+             forward: bool = False) -> dict[tuple, _SetStats]:
     """One forward of the layer over all samples with hooks on each fused set's input.
-    Sets in `later` get no Hessian here (see _later_hessian)."""
+    Sets in `later` get no Hessian here (see _later_hessian). With `forward` (one-pass schemes)
+    the layer's outputs replace `hidden` in place, and `kv_stats` collects the K/V ranges."""
     gptq_needed = scheme.uses_gptq or scheme.sparsity is not None  # both need a Hessian
     rot = scheme.rotation_block
     stats = {s: _SetStats(AbsMax(per_channel=True),
@@ -180,9 +177,12 @@ def _collect(layer, targets, sets, hidden, kwargs, scheme: Scheme, later=()) -> 
         return hook
 
     handles = [targets[s[0]].register_forward_pre_hook(observe(st)) for s, st in stats.items()]
-    with _hooks(handles):
-        for h, kw in zip(hidden, kwargs):
-            _run(layer, h, kw)
+    with _hooks(handles), kv_hooks(_kv_observers(kv_stats or {})):
+        for b, (h, kw) in enumerate(zip(hidden, kwargs)):
+            out = _run(layer, h, kw)
+            if forward:
+                hidden[b] = out
+    _merge_kv(kv_stats or {})
     for st in stats.values():  # every rank saw its own batches: merge (no-op in one process)
         distributed.merge_absmax(st.amax)
         if st.hessian is not None:
@@ -251,6 +251,36 @@ class _ErrorSums:
     ref: float = 0.0
 
 
+def _kv_observers(kv_stats: dict) -> dict:
+    """KV hooks recording each attention module's cached K and V ranges in kv_stats[module]."""
+    def observe_kv(module, k, v):
+        kv_stats[module][0].update(k)
+        kv_stats[module][1].update(v)
+        return k, v
+    return {m: observe_kv for m in kv_stats}
+
+
+def _merge_kv(kv_stats: dict) -> None:
+    for k, v in kv_stats.values():
+        distributed.merge_absmax(k)
+        distributed.merge_absmax(v)
+
+
+def one_pass(scheme: Scheme) -> bool:
+    """Whether one forward per layer calibrates the scheme: its statistics are ranges only
+    (static input scales, KV-cache scales) and its weights are rounded without data.
+
+    Such a layer's weights are quantized first; one forward of it then both records the ranges
+    and hands its outputs to the next layer, so every range is that of the model with all
+    weights up to that point quantized. Only the activations' own rounding is not propagated
+    (their scales are not known until the pass ends), as in llm-compressor's calibration; a
+    second, fully quantized forward would double the cost. GPTQ, SparseGPT, smoothing and
+    rotations need the inputs before the weights and keep two forwards per layer.
+    """
+    return (needs_calibration(scheme) and not scheme.uses_gptq and scheme.sparsity is None
+            and scheme.smoothing is None and not scheme.rotation_block)
+
+
 @torch.no_grad()
 def _propagate(layer, targets, originals, act_quant, hidden, kwargs, report_batches, kv_stats):
     """Run the quantized layer; measure each Linear's relative output error on the first batches
@@ -266,31 +296,38 @@ def _propagate(layer, targets, originals, act_quant, hidden, kwargs, report_batc
                 x_seen["x"] = a[0]
 
         def compare(m, a, y, n=n, x_seen=x_seen):
-            if measuring[0]:
-                ref = nn.functional.linear(x_seen.pop("x"), originals[n], m.bias)
-                sums[n].err += (y - ref).double().pow(2).sum().item()
-                sums[n].ref += ref.double().pow(2).sum().item()
+            if measuring[0]:  # float32 sums of one batch: ample for a report, a third of float64's cost
+                ref = nn.functional.linear(x_seen.pop("x"), originals[n], m.bias).float()
+                sums[n].err += (y.float() - ref).square().sum().item()
+                sums[n].ref += ref.square().sum().item()
 
         handles.append(lin.register_forward_pre_hook(keep_input))  # sees the unquantized input
         if n in act_quant:
             handles.append(lin.register_forward_pre_hook(lambda m, a, f=act_quant[n]: (f(a[0]),)))
         handles.append(lin.register_forward_hook(compare))
-    def observe_kv(module, k, v):
-        kv_stats[module][0].update(k)
-        kv_stats[module][1].update(v)
-        return k, v
-
-    with _hooks(handles), kv_hooks({m: observe_kv for m in kv_stats}):
+    with _hooks(handles), kv_hooks(_kv_observers(kv_stats)):
         for s, (h, kw) in enumerate(zip(hidden, kwargs)):
             measuring[0] = s < report_batches
             hidden[s] = _run(layer, h, kw)  # in place: one copy of the activations
-    for k, v in kv_stats.values():
-        distributed.merge_absmax(k)
-        distributed.merge_absmax(v)
+    _merge_kv(kv_stats)
     totals = distributed.sum_floats([x for e in sums.values() for x in (e.err, e.ref)])
     for e, err, ref in zip(sums.values(), totals[0::2], totals[1::2]):
         e.err, e.ref = err, ref
     return {n: (e.err / e.ref) ** 0.5 if e.ref > 0 else 0.0 for n, e in sums.items()}
+
+
+def _once_per_input(f):
+    """f, computed once per input tensor: the members of a fused set (q/k/v, gate/up) read the
+    very same tensor, and quantize-dequantizing it once instead of three times is most of the
+    cost of simulating static activations. The last input is held, so its identity cannot be
+    reused by another tensor while it is remembered."""
+    last: list = [None, None]
+
+    def once(x):
+        if last[0] is not x:
+            last[0], last[1] = x, f(x)
+        return last[1]
+    return once
 
 
 def _weight_error(original: torch.Tensor, dequantized: torch.Tensor) -> float:
@@ -307,21 +344,22 @@ def _input_scale(scheme: Scheme, amax: AbsMax, dtype: torch.dtype) -> torch.Tens
 
 @torch.no_grad()
 def _replay(layer, prefix: str, stored: dict[str, torch.Tensor], scheme: Scheme, hidden, kwargs,
-            dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+            dtype: torch.dtype, device: torch.device | str = "cpu", quantize_inputs: bool = True) -> None:
     """Run layer i as an earlier run wrote it (resume): its parameters as stored (quantized
     Linears dequantized from their codes, smoothed norms as folded), its inputs quantized with
-    the stored scales, through the same forward as _propagate, so `hidden` becomes bit for bit
-    what that run handed to layer i+1."""
+    the stored scales (not for one_pass schemes, which hand on the layer's outputs before
+    their inputs are quantized), through the same forward as _propagate, so `hidden` becomes
+    bit for bit what that run handed to layer i+1."""
     targets, act_quant = {}, {}
     for n, lin in linears(layer).items():
         if f"{prefix}{n}.weight_scale" in stored:
             targets[n] = lin
             quant = None
-            if scheme.inputs is not None:
+            if scheme.inputs is not None and quantize_inputs:
                 scale = stored.get(f"{prefix}{n}.input_scale")
                 quant = activation_qdq(scheme.inputs, scale.to(device) if scale is not None else None)
             if quant is not None or scheme.rotation_block:
-                act_quant[n] = online_input(scheme.rotation_block, quant)
+                act_quant[n] = _once_per_input(online_input(scheme.rotation_block, quant))
     for name, _ in list(layer.named_parameters()):
         owner, _, leaf = name.rpartition(".")
         module = layer.get_submodule(owner) if owner else layer
@@ -417,13 +455,11 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
         # activations whichever rank runs it
         probe = samples
         plan, first = distributed.share(plan_batches([s.numel() for s in samples]))
-    own = [i for chunk in plan for i in chunk]
-    hidden, kwargs = capture_inputs(model, layers, [probe[i].to(device) for i in own])
-    positions = iter(range(len(own)))  # where each of this rank's samples sits in `hidden`
-    hidden, kwargs = stack_batches(hidden, kwargs, [[next(positions) for _ in c] for c in plan])
+    hidden, kwargs = capture_inputs(model, layers, [b.to(device) for b in stack_batches(probe, plan)])
     report_batches = max(0, min(report_batches - first, len(hidden)))
     _drop_outer(model, arch.layers)  # embeddings and lm_head are not needed past this point
     static_inputs = scheme.static_inputs
+    single = one_pass(scheme)
     sets = None
     for i in progress(range(len(layers)), "quantizing layers"):
         layer, prefix = layers[i], f"{arch.layers}.{i}."
@@ -435,7 +471,8 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
             sets = layout.sets
         if i < start:
             if not data_free:  # a data-free run has no activations to carry forward
-                _replay(layer, prefix, writer.stored(prefix), scheme, hidden, kwargs[i], dtype, device)
+                _replay(layer, prefix, writer.stored(prefix), scheme, hidden, kwargs[i], dtype, device,
+                        quantize_inputs=not single)
             layer.to("meta")
             continue
         targets = {n: m for n, m in linears(layer).items() if not is_ignored(prefix + n, scheme.ignore)}
@@ -448,14 +485,18 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
                 writer.skip_linear(prefix + n)
         mine = [s for s in sets if s[0] in targets]
         needs_stats = (static_inputs or scheme.uses_gptq or scheme.smoothing is not None
-                       or scheme.sparsity is not None)
+                       or scheme.sparsity is not None or single)
         # Hessians wider than the layer's input (the MLP down projection) come in a pass of
         # their own, unless smoothing must rescale them with the rest
         later = [s for s in mine if (scheme.uses_gptq or scheme.sparsity is not None)
                  and scheme.smoothing is None and targets[s[0]].in_features > hidden[0].shape[-1]]
-        stats = _collect(layer, targets, mine, hidden, kwargs[i], scheme, later) if needs_stats else {}
+        attn = attention_modules(layer) if scheme.kv_cache is not None else {}
+        kv_stats = {m: (AbsMax(), AbsMax()) for m in attn.values()}
+        stats = (_collect(layer, targets, mine, hidden, kwargs[i], scheme, later)
+                 if needs_stats and not single else {})
         quantized: dict[str, Quantized] = {}
         act_quant, input_scales, originals, replaced = {}, {}, {}, {}
+        rot = scheme.rotation_block
         for s in mine:
             # float32 working copies only where smoothing computes with them; rtn and gptq
             # widen the stored weights themselves (exactly), a matrix at a time
@@ -470,26 +511,31 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
                 check_shape(prefix + n, *weights[n].shape, scheme.weights)
                 originals[n] = weights[n].to(dtype)  # error-report reference (no copy unless smoothed)
             if s in later:
-                stats[s].hessian = _later_hessian(layer, targets[s[0]], hidden, kwargs[i],
-                                                  scheme.rotation_block)
-            rot = scheme.rotation_block
+                stats[s].hessian = _later_hessian(layer, targets[s[0]], hidden, kwargs[i], rot)
             if rot:  # MR-GPTQ: solve for W R; the stored weights stay rotated, inputs rotate online
                 weights = {n: rotate_weight(w, rot) for n, w in weights.items()}
                 grid = grid_for(scheme.weights, dtype).bind(torch.cat(list(weights.values())))
             quantized.update(_solve(weights, stats.get(s), grid, scheme))
-            if scheme.inputs is not None or rot:
-                scale = _input_scale(scheme, stats[s].amax, dtype) if static_inputs else None
-                quant = activation_qdq(scheme.inputs, scale) if scheme.inputs is not None else None
-                for n in s:
-                    act_quant[n], input_scales[n] = online_input(rot, quant), scale
         originals.update({n: m.weight for n, m in targets.items() if n not in originals})
         for n, q in quantized.items():
             targets[n].weight = nn.Parameter(q.dequantize().to(dtype), requires_grad=False)
+        if single:  # ranges of the layer with its weights already quantized (see one_pass)
+            report_in = [h.clone() for h in hidden[:report_batches]]  # before `hidden` moves on
+            stats = _collect(layer, targets, mine, hidden, kwargs[i], scheme, (), kv_stats, forward=True)
+        for s in mine:
+            if scheme.inputs is not None or rot:
+                scale = _input_scale(scheme, stats[s].amax, dtype) if static_inputs else None
+                quant = activation_qdq(scheme.inputs, scale) if scheme.inputs is not None else None
+                shared = _once_per_input(online_input(rot, quant))
+                for n in s:
+                    act_quant[n], input_scales[n] = shared, scale
         check_fused(prefix, sets, quantized, input_scales)
-        attn = attention_modules(layer) if scheme.kv_cache is not None else {}
-        kv_stats = {m: (AbsMax(), AbsMax()) for m in attn.values()}
         if data_free:
             errors = {n: _weight_error(originals[n], targets[n].weight) for n in targets}
+        elif single:  # the quantized layer runs on the report's batches only
+            errors = _propagate(layer, targets, originals, act_quant, report_in,
+                                kwargs[i][:report_batches], report_batches, {})
+            del report_in
         else:
             errors = _propagate(layer, targets, originals, act_quant, hidden, kwargs[i],
                                 report_batches, kv_stats)
@@ -508,5 +554,5 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
         report += rows
         del originals, quantized
         layer.to("meta")  # give the layer's memory back before reading the next one
-        release_memory()
+        release_memory(collect=False)
     return report

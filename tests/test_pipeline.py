@@ -116,8 +116,9 @@ def test_qkv_and_gate_up_share_one_weight_scale_and_input_scale(tiny_dir, tmp_pa
                                    t[names[0] + ".weight_scale"])
 
 
-def test_later_layers_are_calibrated_on_quantized_outputs(tiny_dir, tmp_path):
-    """Layer 1's input scale is the amax of what the *quantized* layer 0 produces."""
+def test_later_layers_are_calibrated_on_quantized_weights(tiny_dir, tmp_path):
+    """Layer 1's input scale is the amax of what layer 0 produces with its *quantized* weights
+    (one-pass static FP8: the activations' own rounding is not propagated)."""
     src = tiny_dir("llama")
     run(src, tmp_path / "q", "FP8")
     t = tensors(tmp_path / "q")
@@ -131,8 +132,12 @@ def test_later_layers_are_calibrated_on_quantized_outputs(tiny_dir, tmp_path):
         hook.remove()
         return max(seen)
 
-    quant_first = load_model(src)  # original weights, then layer 0 swapped for its quantized self
-    quant_first.model.layers[0] = load_model(tmp_path / "q").model.layers[0]
+    quant_first = load_model(src)  # original weights, then layer 0's Linears dequantized from OUT
+    for name, lin in quant_first.model.layers[0].named_modules():
+        if isinstance(lin, torch.nn.Linear):
+            key = f"model.layers.0.{name}"
+            w = t[key + ".weight"].to(torch.bfloat16) * t[key + ".weight_scale"]
+            lin.weight = torch.nn.Parameter(w.to(lin.weight.dtype), requires_grad=False)
     expected = bf16_ceil(q_proj_input_amax(quant_first) / 448)
     assert torch.equal(t["model.layers.1.self_attn.q_proj.input_scale"], expected)
     unquantized = bf16_ceil(q_proj_input_amax(load_model(src)) / 448)
@@ -196,7 +201,7 @@ def test_damaged_safetensors_is_a_clear_error(damage, tiny_dir, tmp_path):
 
 
 def test_samples_of_equal_length_are_batched_without_changing_layer_outputs():
-    from lowbit.pipeline import batch_equal_lengths, capture_inputs
+    from lowbit.pipeline import capture_inputs, plan_batches, stack_batches
     from tiny import tiny_model
 
     model = tiny_model("gemma2")  # sliding-window masks too
@@ -204,7 +209,8 @@ def test_samples_of_equal_length_are_batched_without_changing_layer_outputs():
     lengths = [40, 40, 33, 40, 33, 40, 40]
     ids = [torch.randint(7, 200, (n,), generator=g) for n in lengths]
     hidden, kwargs = capture_inputs(model, model.model.layers, ids)
-    bh, bkw = batch_equal_lengths(hidden, kwargs, size=3)
+    plan = plan_batches(lengths, size=3)
+    bh, bkw = capture_inputs(model, model.model.layers, stack_batches(ids, plan))
     assert [h.shape[:2] for h in bh] == [(3, 40), (2, 40), (2, 33)]
     layer = model.model.layers[1]
     batched = [row for h, kw in zip(bh, bkw[1]) for row in layer(h, **kw)]
