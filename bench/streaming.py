@@ -3,9 +3,10 @@ output byte once. Writes a synthetic checkpoint with a real architecture's shape
 weights) and quantizes it with the real CLI, measuring peak RSS, wall time and the bytes the
 process wrote (/proc/self/io) against the size of what it produced.
 
-    # Llama-2-13B layer shapes, 44 layers (29 GB bf16); W4A16 (GPTQ) on its first 4 layers
+    # Llama-2-13B layer shapes, 44 layers (29 GB bf16): FP8, W4A16 with RTN on all of it, and
+    # W4A16 with GPTQ on its first 4 layers
     python bench/streaming.py --tokenizer .cache/smollm2-135m-bf16 --shape llama-13b --layers 44 \\
-        --runs FP8 W4A16:4
+        --runs FP8 W4A16/rtn W4A16:4
     # FP8 weight-only conversion of a Llama-7B-shaped model
     python bench/streaming.py --tokenizer .cache/smollm2-135m-bf16 --shape llama-7b --layers 32 \\
         --runs W8A16_FP8
@@ -70,7 +71,8 @@ def main() -> None:
     ap.add_argument("--tokenizer", type=Path, required=True, help="checkpoint dir whose tokenizer to reuse")
     ap.add_argument("--shape", choices=SHAPES, default="llama-13b")
     ap.add_argument("--layers", type=int, default=44)
-    ap.add_argument("--runs", nargs="+", default=["FP8", "W4A16:4"], help="SCHEME or SCHEME:LAYERS")
+    ap.add_argument("--runs", nargs="+", default=["FP8", "W4A16:4"],
+                    help="SCHEME[/ALGORITHM][:LAYERS], e.g. FP8, W4A16/rtn, W4A16:2")
     ap.add_argument("--samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=128)
     ap.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "lowbit-streaming")
@@ -95,21 +97,24 @@ def main() -> None:
     rows = []
     for run in args.runs:
         scheme, _, n = run.partition(":")
+        scheme, _, algorithm = scheme.partition("/")
         n = int(n) if n else args.layers
         model = src if n == args.layers else prefix_view(src, args.workdir / f"view-{n}L", n)
         model_bytes = sum((model / f).stat().st_size for f in set(json.loads(
             (model / "model.safetensors.index.json").read_text())["weight_map"].values()))
         out = args.workdir / f"out-{scheme}-{n}L"
         m = run_measured(["lowbit", "quantize", str(model), str(out), "--scheme", scheme,
+                          *(["--algorithm", algorithm] if algorithm else []),
                           "--samples", str(args.samples), "--seq-len", str(args.seq_len), "--overwrite"])
         out_bytes = _size(out)
+        scheme = f"{scheme} ({algorithm})" if algorithm else scheme
         rows.append((scheme, n, model_bytes, out_bytes, m))
         print(f"{scheme} {n} layers: peak RSS {m['rss'] / GIB:.2f} GiB, wall {m['wall']:.0f} s, wrote "
               f"{m['write_bytes'] / GIB:.2f} GiB for {out_bytes / GIB:.2f} GiB of output", flush=True)
         shutil.rmtree(out)
         if model != src:
             shutil.rmtree(model)
-    print(f"\n| scheme | layers | input (GiB) | peak RSS (GiB) | RSS / input | wall (s) | output (GiB) "
+    print("\n| scheme | layers | input (GiB) | peak RSS (GiB) | RSS / input | wall (s) | output (GiB) "
           "| bytes written / output |")
     print("|---|---|---|---|---|---|---|---|")
     for scheme, n, model_bytes, out_bytes, m in rows:

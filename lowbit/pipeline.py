@@ -23,6 +23,7 @@ from .attention import attention_modules, kv_hooks
 from .algorithms.rotation import online_input, rotate_input, rotate_weight
 from .algorithms.rtn import rtn
 from .algorithms.sparsegpt import sparsegpt
+from .capture import capture_inputs, plan_batches, stack_batches
 from .checkpoint import Checkpoint
 from .errors import LowbitError
 from .export import check_fused, check_shape
@@ -38,84 +39,10 @@ from .stats import AbsMax, Hessian
 log = logging.getLogger(__name__)
 
 
-class _Stop(Exception):
-    pass
-
-
-class _Catcher(nn.Module):
-    """Stands in for decoder layer j during capture: records its call, passes hidden through."""
-
-    def __init__(self, inner: nn.Module, j: int, record: list, last: bool):
-        super().__init__()
-        self.inner, self.j, self.record, self.last = inner, j, record, last
-
-    def __getattr__(self, name):  # models read attributes such as attention_type off their layers
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self._modules["inner"], name)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        if args:
-            raise LowbitError("decoder layers called with extra positional arguments are not supported")
-        self.record.append((self.j, hidden_states, kwargs))
-        if self.last:
-            raise _Stop
-        return hidden_states
-
-
-@torch.no_grad()
-def capture_inputs(model: nn.Module, layers: nn.ModuleList, samples: list[torch.Tensor]):
-    """Layer 0's hidden states per sample, and every layer's keyword arguments per sample.
-    A sample is one sequence of token ids, or a [batch, length] stack of equal-length ones.
-
-    Keyword arguments (masks, rotary embeddings) depend on positions only, and differ between
-    layer types (Gemma's sliding-window layers), so each layer keeps its own.
-    """
-    record: list = []
-    originals = list(layers)
-    for j, layer in enumerate(originals):
-        layers[j] = _Catcher(layer, j, record, last=j == len(originals) - 1)
-    hidden: list[torch.Tensor] = []
-    kwargs: list[list[dict]] = [[] for _ in originals]
-    try:
-        for ids in progress(samples, "capturing inputs"):
-            record.clear()
-            with contextlib.suppress(_Stop):
-                model(input_ids=ids if ids.dim() == 2 else ids.reshape(1, -1), use_cache=False)
-            for j, h, kw in record:
-                if j == 0:
-                    hidden.append(h)
-                kwargs[j].append({k: v for k, v in kw.items() if k not in ("cache", "past_key_values")})
-    finally:
-        for j, layer in enumerate(originals):
-            layers[j] = layer
-    return hidden, kwargs
-
-
 def needs_calibration(scheme: Scheme) -> bool:
     """Whether the scheme's result depends on calibration statistics at all."""
     return (scheme.uses_gptq or scheme.static_inputs or scheme.smoothing is not None
             or scheme.kv_cache is not None or scheme.sparsity is not None)
-
-
-def plan_batches(lengths: list[int], size: int = 8) -> list[list[int]]:
-    """Sample indices grouped into batches of up to `size` equal lengths (in first-seen order)."""
-    groups: dict[int, list[int]] = {}
-    for idx, n in enumerate(lengths):
-        groups.setdefault(n, []).append(idx)
-    return [idxs[c:c + size] for idxs in groups.values() for c in range(0, len(idxs), size)]
-
-
-def stack_batches(samples: list[torch.Tensor], plan: list[list[int]]) -> list[torch.Tensor]:
-    """Each batch of `plan` as one [batch, length] tensor of token ids.
-
-    Batched matmuls run markedly faster on CPU, and samples of one length share their position
-    embeddings and need no padding mask. Calibration samples are truncated to --seq-len, so
-    most of them share that length. Capturing whole batches (rather than stacking captured
-    samples) keeps a single copy of the activations.
-    """
-    return [torch.stack([samples[i] for i in chunk]) for chunk in plan]
 
 
 def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
@@ -190,6 +117,11 @@ def _collect(layer, targets, sets, hidden, kwargs, scheme: Scheme, later=(), kv_
         if scheme.smoothing == "auto" and distributed.active():
             st.sample = [distributed.gather_rows(torch.cat(st.sample), SAMPLE_TOKENS)]
     return stats
+
+
+# A float64 Hessian above this size is collected in a forward of its own (_later_hessian): the
+# extra pass costs a third more calibration time, worth it only where the memory is large.
+LATER_HESSIAN_BYTES = 256 * 2**20
 
 
 @torch.no_grad()
@@ -486,10 +418,11 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
         mine = [s for s in sets if s[0] in targets]
         needs_stats = (static_inputs or scheme.uses_gptq or scheme.smoothing is not None
                        or scheme.sparsity is not None or single)
-        # Hessians wider than the layer's input (the MLP down projection) come in a pass of
-        # their own, unless smoothing must rescale them with the rest
+        # Large Hessians wider than the layer's input (the MLP down projection of a 7B model)
+        # come in a pass of their own, unless smoothing must rescale them with the rest
         later = [s for s in mine if (scheme.uses_gptq or scheme.sparsity is not None)
-                 and scheme.smoothing is None and targets[s[0]].in_features > hidden[0].shape[-1]]
+                 and scheme.smoothing is None and targets[s[0]].in_features > hidden[0].shape[-1]
+                 and targets[s[0]].in_features ** 2 * 8 > LATER_HESSIAN_BYTES]
         attn = attention_modules(layer) if scheme.kv_cache is not None else {}
         kv_stats = {m: (AbsMax(), AbsMax()) for m in attn.values()}
         stats = (_collect(layer, targets, mine, hidden, kwargs[i], scheme, later)

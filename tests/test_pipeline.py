@@ -201,7 +201,7 @@ def test_damaged_safetensors_is_a_clear_error(damage, tiny_dir, tmp_path):
 
 
 def test_samples_of_equal_length_are_batched_without_changing_layer_outputs():
-    from lowbit.pipeline import capture_inputs, plan_batches, stack_batches
+    from lowbit.capture import capture_inputs, plan_batches, stack_batches
     from tiny import tiny_model
 
     model = tiny_model("gemma2")  # sliding-window masks too

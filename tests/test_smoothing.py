@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lowbit.models import layer_layout
-from lowbit.pipeline import capture_inputs
+from lowbit.capture import capture_inputs
 from lowbit.schemes import PRESETS
 from lowbit.smoothing import smooth_set
 from lowbit.stats import AbsMax

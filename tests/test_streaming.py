@@ -112,3 +112,31 @@ def test_pipeline_checkpoint_does_not_depend_on_chunk_size(name, tiny_dir, tmp_p
     assert whole.keys() == chunked.keys()
     for k in whole:
         assert torch.equal(whole[k].view(torch.uint8), chunked[k].view(torch.uint8)), k
+
+
+def test_down_projection_hessian_in_its_own_pass_changes_nothing(tiny_dir, tmp_path, monkeypatch):
+    """Collecting the wide Hessian in a forward of its own (large models) gives the same bytes
+    as collecting it in the shared pass (small models), and the separate pass really runs."""
+    from lowbit import pipeline
+
+    src = tiny_dir("llama")
+    scheme = PRESETS["W4A16"].with_options(group_size=32)
+    g = torch.Generator().manual_seed(0)
+    samples = [torch.randint(7, 250, (40,), generator=g) for _ in range(4)]
+    calls = []
+    separate = pipeline._later_hessian
+    monkeypatch.setattr(pipeline, "_later_hessian", lambda *a, **k: calls.append(1) or separate(*a, **k))
+
+    def run(out):
+        with CheckpointWriter(out, src, scheme) as w:
+            quantize_layers(Checkpoint(src), scheme, samples, w)
+        return tensors(out)
+
+    shared = run(tmp_path / "shared")
+    assert not calls
+    monkeypatch.setattr(pipeline, "LATER_HESSIAN_BYTES", 0)
+    own_pass = run(tmp_path / "own")
+    assert calls  # one per layer
+    assert shared.keys() == own_pass.keys()
+    for k in shared:
+        assert torch.equal(shared[k].view(torch.uint8), own_pass[k].view(torch.uint8)), k
