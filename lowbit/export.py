@@ -14,14 +14,11 @@ import os
 import shutil
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import torch
-from compressed_tensors.config import DenseSparsityConfig
-from compressed_tensors.quantization import QuantizationArgs, QuantizationConfig, QuantizationScheme
-from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
 from safetensors import safe_open
 from safetensors.torch import save_file
-
-import compressed_tensors
 
 from .errors import LowbitError
 from .formats.grid import Quantized
@@ -29,6 +26,9 @@ from .formats.pack import pack_fp4, pack_int32
 from .outdir import atomic_dir, writing
 from .partial import MANIFEST, fsync_path, partial_dir
 from .schemes import QuantSpec, Scheme
+
+if TYPE_CHECKING:  # the library is imported where a config is built: it takes ~2 s to import
+    from compressed_tensors.quantization import QuantizationArgs
 
 # Files of the source directory that describe weights; everything else (tokenizer, chat
 # template, generation config) is copied through.
@@ -44,6 +44,8 @@ def _umask() -> int:
 
 def quant_args(spec: QuantSpec, inputs: bool = False, actorder: str | None = None) -> QuantizationArgs:
     """Our QuantSpec (of weights, or of `inputs`) as the library's QuantizationArgs (what vLLM parses)."""
+    from compressed_tensors.quantization import QuantizationArgs
+
     if spec.format in ("nvfp4", "mxfp4"):
         # as the library's NVFP4/MXFP4 presets: NVFP4 is "tensor_group" (group scales under a
         # global scale; inputs: calibrated global, group scales at run time = dynamic "local")
@@ -96,6 +98,9 @@ def compression_format(scheme: Scheme) -> str:
 
 def quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
     """The config.json `quantization_config` block, built with the library's own models."""
+    import compressed_tensors
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
     config = QuantizationConfig(
         config_groups={
             "group_0": QuantizationScheme(
@@ -119,6 +124,8 @@ def transform_config(block: int, ignore: list[str]) -> dict:
     """MR-GPTQ's rotation as the library's TransformConfig: a block-diagonal Hadamard (head_dim =
     block) that runtimes apply online to every quantized Linear's input, and its inverse on the
     weight's input side, fused offline (W -> W R): x R (W R)ᵀ = x Wᵀ."""
+    from compressed_tensors.transform import TransformArgs, TransformConfig, TransformScheme
+
     scheme = TransformScheme(type="hadamard", head_dim=block, apply=[
         TransformArgs(targets=["Linear"], location="input", ignore=ignore),
         TransformArgs(targets=["Linear"], location="weight_input", inverse=True, ignore=ignore),
@@ -139,6 +146,8 @@ def sparsity_config(scheme: Scheme, ignore: list[str], global_sparsity: float) -
     as the dense quantized model it is. global_sparsity: the fraction of zeros among the
     weights of the pruned Linears.
     """
+    from compressed_tensors.config import DenseSparsityConfig
+
     config = DenseSparsityConfig(sparsity_structure=scheme.sparsity_structure,
                                  global_sparsity=round(global_sparsity, 6), ignore=ignore)
     return config.model_dump(mode="json")

@@ -48,7 +48,8 @@ def source_fingerprint(path: Path) -> dict:
 def software_fingerprint() -> str:
     """lowbit's own source plus the versions of the libraries that compute the numbers: a
     resumed run must compute exactly what the first one did."""
-    import compressed_tensors
+    from importlib.metadata import version  # importing compressed-tensors itself takes ~2 s
+
     import safetensors
     import torch
     import transformers
@@ -58,7 +59,7 @@ def software_fingerprint() -> str:
     for f in sorted(root.rglob("*.py")):
         digest.update(str(f.relative_to(root)).encode() + b"\0" + f.read_bytes())
     return (f"lowbit-src {digest.hexdigest()[:16]} torch {torch.__version__} transformers "
-            f"{transformers.__version__} compressed-tensors {compressed_tensors.__version__} "
+            f"{transformers.__version__} compressed-tensors {version('compressed-tensors')} "
             f"safetensors {safetensors.__version__}")
 
 

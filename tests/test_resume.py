@@ -33,7 +33,7 @@ SCHEMES = {  # each exercises another part of what a resumed run recomputes
 DRIVER = textwrap.dedent('''
     import os, signal, sys
     from pathlib import Path
-    from lowbit import cli, export, partial, pipeline
+    from lowbit import capture, cli, export, partial, pipeline
 
     point, argv = sys.argv[1], sys.argv[2:]
     calls = {"n": 0}
@@ -59,7 +59,7 @@ DRIVER = textwrap.dedent('''
     kind, _, n = point.partition(":")
     n = int(n or 1)
     if kind == "capture":  # while layer 0's inputs are being recorded
-        wrap(pipeline._Catcher, "forward", before=lambda *a, **k: nth(n))
+        wrap(capture._Catcher, "forward", before=lambda *a, **k: nth(n))
     elif kind == "solve":  # in the middle of a layer: its n-th fused set is being quantized
         wrap(pipeline, "_solve", before=lambda *a, **k: nth(n))
     elif kind == "between":  # layer n-1 committed, layer n not started
