@@ -250,3 +250,14 @@ def test_int32_packing_matches_compressed_tensors_and_inverts(bits, shape, dim):
     packed = pack_int32(codes, bits, dim)
     assert torch.equal(packed, pack_to_int32(codes, bits, packed_dim=dim))
     assert torch.equal(unpack_int32(packed, bits, shape, dim), codes)
+
+
+@pytest.mark.parametrize("bits, dim", [(4, 1), (4, 0), (8, 1), (2, 0)])
+def test_packing_a_block_of_rows_at_a_time_gives_the_same_words(bits, dim):
+    from lowbit.formats.pack import pack_int32
+
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    codes = torch.randint(lo, hi + 1, (37, 44), generator=torch.Generator().manual_seed(bits), dtype=torch.int8)
+    whole = pack_int32(codes, bits, dim, rows_per_block=10**6)
+    for block in (1, 5, 36):
+        assert torch.equal(pack_int32(codes, bits, dim, rows_per_block=block), whole)
