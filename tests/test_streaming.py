@@ -140,3 +140,17 @@ def test_down_projection_hessian_in_its_own_pass_changes_nothing(tiny_dir, tmp_p
     assert shared.keys() == own_pass.keys()
     for k in shared:
         assert torch.equal(shared[k].view(torch.uint8), own_pass[k].view(torch.uint8)), k
+
+
+def test_hessian_in_row_blocks_matches_float64_reference(monkeypatch):
+    from lowbit import stats
+
+    x = torch.randn(3, 50, 70, generator=torch.Generator().manual_seed(0)).bfloat16()
+    ref = x.double().reshape(-1, 70).T @ x.double().reshape(-1, 70)
+    for rows in (16, 70, 4096):
+        monkeypatch.setattr(stats, "HESSIAN_ROWS", rows)
+        h = Hessian(70)
+        h.update(x[:2])
+        h.update(x[2:])
+        assert h.count == 150
+        assert torch.allclose(h.sum, ref, rtol=1e-6, atol=1e-6), rows
