@@ -153,4 +153,4 @@ def test_hessian_in_row_blocks_matches_float64_reference(monkeypatch):
         h.update(x[:2])
         h.update(x[2:])
         assert h.count == 150
-        assert torch.allclose(h.sum, ref, rtol=1e-6, atol=1e-6), rows
+        assert torch.allclose(h.sum, ref, rtol=1e-5, atol=1e-4), rows  # float32 products, float64 sum
