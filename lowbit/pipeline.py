@@ -421,7 +421,7 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
                 writer.skip_linear(prefix + n)
         mine = [s for s in sets if s[0] in targets]
         needs_stats = (static_inputs or scheme.uses_gptq or scheme.smoothing is not None
-                       or scheme.sparsity is not None or single)
+                       or scheme.sparsity is not None)
         # Large Hessians wider than the layer's input (the MLP down projection of a 7B model)
         # come in a pass of their own, unless smoothing must rescale them with the rest
         later = [s for s in mine if (scheme.uses_gptq or scheme.sparsity is not None)
