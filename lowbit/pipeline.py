@@ -119,7 +119,7 @@ def _collect(layer, targets, sets, hidden, kwargs, scheme: Scheme, later=(), kv_
     return stats
 
 
-# A float64 Hessian above this size is collected in a forward of its own (_later_hessian): the
+# A Hessian (float32) above this size is collected in a forward of its own (_later_hessian): the
 # extra pass costs a third more calibration time, worth it only where the memory is large.
 LATER_HESSIAN_BYTES = 256 * 2**20
 
@@ -128,7 +128,7 @@ LATER_HESSIAN_BYTES = 256 * 2**20
 def _later_hessian(layer, linear: nn.Linear, hidden, kwargs, rot: int | None = None) -> Hessian:
     """The Hessian of one Linear's input, from a forward pass of its own.
 
-    A Hessian is in_features^2 float64: the MLP down projection's is 970 MB at 7B (1.5 GB at
+    A Hessian is in_features^2 float32: the MLP down projection's is 485 MB at 7B (764 MB at
     13B). Collected after the other sets are solved and their Hessians freed, it never shares
     memory with them. The layer still holds its unquantized weights, so the inputs, and the
     sum, are exactly those of the shared pass.
@@ -149,13 +149,12 @@ def _solve(weights: dict[str, torch.Tensor], stats: _SetStats | None, grid, sche
     """Quantize a fused set. GPTQ treats output rows independently given the shared input
     Hessian, so the members run as one stacked matrix: one column sweep instead of three."""
     if scheme.sparsity is not None:
-        stacked = _prune(torch.cat(list(weights.values())), stats.hessian.mean(), grid, scheme)
+        stacked = _prune(torch.cat(list(weights.values())), stats.hessian.take_mean(), grid, scheme)
     elif not scheme.uses_gptq:
         return {n: rtn(w, grid) for n, w in weights.items()}
     else:
-        # GPTQ works in float32: take the mean at that precision, and let the float64 sum go
-        hessian, stats.hessian = stats.hessian.mean(torch.float32), None
-        stacked = gptq(torch.cat(list(weights.values())), hessian, grid,
+        # both passed as temporaries: gptq frees them once it has its working copies
+        stacked = gptq(torch.cat(list(weights.values())), stats.hessian.take_mean(), grid,
                        act_order=scheme.act_order, damp=scheme.damp)
     out, start = {}, 0
     for n, w in weights.items():
@@ -370,16 +369,14 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
     layers = decoder_layers(model, arch)
     ckpt.load_outer(model, arch.layers, dtype, device)
     start, report = writer.layers_done, list(writer.resumed_report)
+    # embeddings, final norm and lm_head: stored with layer 0 (see below) unless a resumed run has them
+    outer = [] if start else sorted(n for n in ckpt.names() if not n.startswith(arch.layers + "."))
     if start == len(layers):  # the earlier run was stopped while finishing
         log.warning("resuming: all %d layers were written by an earlier run", start)
         return report
     if start:
         done = "layer 0 was" if start == 1 else f"layers 0-{start - 1} were"
         log.warning("resuming from layer %d of %d (%s written by an earlier run)", start, len(layers), done)
-    else:
-        outer = [n for n in ckpt.names() if not n.startswith(arch.layers + ".")]
-        for name in sorted(outer):
-            writer.add(name, ckpt.tensor(name))
     # Data-free schemes get no samples: no forward runs, and the report is the weight error.
     data_free = not samples
     if data_free and needs_calibration(scheme):
@@ -426,7 +423,7 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
         # come in a pass of their own, unless smoothing must rescale them with the rest
         later = [s for s in mine if (scheme.uses_gptq or scheme.sparsity is not None)
                  and scheme.smoothing is None and targets[s[0]].in_features > hidden[0].shape[-1]
-                 and targets[s[0]].in_features ** 2 * 8 > LATER_HESSIAN_BYTES]
+                 and targets[s[0]].in_features ** 2 * 4 > LATER_HESSIAN_BYTES]
         attn = attention_modules(layer) if scheme.kv_cache is not None else {}
         kv_stats = {m: (AbsMax(), AbsMax()) for m in attn.values()}
         stats = (_collect(layer, targets, mine, hidden, kwargs[i], scheme, later)
@@ -476,20 +473,23 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
         else:
             errors = _propagate(layer, targets, originals, act_quant, hidden, kwargs[i],
                                 report_batches, kv_stats)
+        del originals  # the unquantized weights: a layer's worth (0.6 GB at 13B) freed before writing
         for name in sorted(n for n in ckpt.names() if n.startswith(prefix)):
             module = name[len(prefix):].rsplit(".", 1)[0]
-            if module in quantized and name.endswith(".weight"):
-                writer.add_linear(prefix + module, quantized[module], input_scales.get(module))
+            if module in quantized and name.endswith(".weight"):  # codes freed once packed
+                writer.add_linear(prefix + module, quantized.pop(module), input_scales.get(module))
             else:
                 writer.add(name, replaced[name] if name in replaced else ckpt.tensor(name))
         for name, m in attn.items():
             scale = kv_cache_scale(*kv_stats[m], scheme.kv_cache, scheme.kv_scale)
             writer.add(f"{prefix}{name}.k_scale", scale)
             writer.add(f"{prefix}{name}.v_scale", scale.clone())
+        if i == 0:  # read only now, past the layer's solves: a 13B model's are 1 GB more at its peak
+            for name in outer:
+                writer.add(name, ckpt.tensor(name))
         rows = [{"name": prefix + n, "rel_error": errors[n]} for n in targets]
         writer.end_layer(i, rows)
         report += rows
-        del originals, quantized
         layer.to("meta")  # give the layer's memory back before reading the next one
         release_memory(collect=False)
     return report

@@ -79,7 +79,7 @@ def test_hessian_is_a_sum_and_count_that_merges_exactly():
     b.update(X[100:])
     a.merge(b)
     assert a.count == whole.count == 300
-    assert torch.allclose(a.mean(), (X.double().T @ X.double()) / 300, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(a.mean().double(), (X.double().T @ X.double()) / 300, rtol=1e-5, atol=1e-6)
 
 
 def test_smoothing_folded_into_a_norm_preserves_the_function():

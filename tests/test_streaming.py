@@ -69,14 +69,16 @@ def test_encode_matches_float64_reference_when_chunked(monkeypatch):
     assert torch.equal(grid.encode(w, p).float(), expected.float())
 
 
-def test_hessian_mean_in_blocks_equals_sum_over_count():
+def test_hessian_take_mean_hands_over_the_sum_itself():
     g = torch.Generator().manual_seed(0)
-    h = Hessian(1500)  # > 2^20 / 1500 rows per block: several blocks
+    h = Hessian(300)
     for _ in range(3):
-        h.update(torch.randn(40, 1500, generator=g))
-    expected = h.sum / 120
-    assert torch.equal(h.mean(), expected)
-    assert torch.equal(h.mean(torch.float32), expected.float())
+        h.update(torch.randn(40, 300, generator=g))
+    expected, storage = h.sum.double() / 120, h.sum.data_ptr()
+    assert torch.equal(h.mean(), (h.sum / 120))
+    mean = h.take_mean()
+    assert mean.data_ptr() == storage and h.sum is None  # no second [in, in] copy
+    assert torch.allclose(mean.double(), expected, rtol=1e-6, atol=0)
 
 
 def test_gptq_takes_bf16_weights_and_float32_hessian_as_it_took_float32_and_float64():
@@ -87,8 +89,8 @@ def test_gptq_takes_bf16_weights_and_float32_hessian_as_it_took_float32_and_floa
     h = Hessian(128)
     h.update(x)
     grid = grid_module.grid_for(weight_spec("W4A16"), torch.bfloat16)
-    a = gptq(w, h.mean(torch.float32), grid)
-    b = gptq(w.float(), h.mean(), grid)
+    a = gptq(w, h.mean(), grid)
+    b = gptq(w.float(), h.mean().double(), grid)
     assert torch.equal(a.codes, b.codes) and torch.equal(a.scale, b.scale)
 
 
@@ -153,4 +155,4 @@ def test_hessian_in_row_blocks_matches_float64_reference(monkeypatch):
         h.update(x[:2])
         h.update(x[2:])
         assert h.count == 150
-        assert torch.allclose(h.sum, ref, rtol=1e-5, atol=1e-4), rows  # float32 products, float64 sum
+        assert torch.allclose(h.sum.double(), ref, rtol=1e-5, atol=1e-4), rows  # float32 products and sum

@@ -16,30 +16,33 @@ from ..errors import LowbitError
 from ..formats.grid import QParams, Quantized, ScaleGrid
 
 
-def _inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
-    """Upper Cholesky factor of H^-1 after dampening H's diagonal by damp * mean(diag).
-    H is the caller's working copy, dampened in place; besides it at most two [in, in]
-    matrices are alive at a time (a 7B down_proj's are 485 MB each)."""
-    H.diagonal().add_(damp * H.diagonal().mean())
-    try:
-        L = torch.linalg.cholesky(H)
-        del H
-        Hinv = torch.cholesky_inverse(L)
-        del L
-        return torch.linalg.cholesky(Hinv, upper=True)
-    except torch.linalg.LinAlgError:
-        raise LowbitError(f"GPTQ: the Hessian is not positive definite even with dampening {damp}; "
-                          "use more calibration samples or a larger dampening") from None
-
-
-def _prepare(weight: torch.Tensor, hessian: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 working copies; inputs that were always zero get H=1 and W=0 (any value works)."""
-    W = weight.detach().float().clone()  # [out, in]
-    H = hessian.detach().float().clone()  # [in, in]
-    dead = H.diagonal() == 0
+def visiting_order(weight: torch.Tensor, hessian: torch.Tensor, perm: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 working copies of W [out, in] and H [in, in] in visiting order `perm`, each one
+    gather; inputs that were always zero get H=1 and W=0 (any value works). The caller's
+    tensors are only read: a caller that passed them as temporaries (the pipeline hands over
+    the Hessian's own memory) frees them by deleting its names right after this call."""
+    dead = (hessian.diagonal() == 0)[perm]
+    H = hessian[perm[:, None], perm[None, :]].float()
+    W = weight[:, perm].float()  # gathered in the stored dtype, then widened once
     H[dead, dead] = 1
     W[:, dead] = 0
     return W, H
+
+
+def inverse_hessian_factor(H: torch.Tensor, damp: float) -> torch.Tensor:
+    """Upper Cholesky factor of H^-1 after dampening H's diagonal by damp * mean(diag),
+    computed in H's memory (H is overwritten): each step needs one temporary of H's size, so
+    at most two [in, in] matrices are alive (1.5 GB for a 13B down projection, where fresh
+    results per step made it four)."""
+    H.diagonal().add_(damp * H.diagonal().mean())
+    try:
+        torch.linalg.cholesky(H, out=H)
+    except torch.linalg.LinAlgError:
+        raise LowbitError(f"GPTQ: the Hessian is not positive definite even with dampening {damp}; "
+                          "use more calibration samples or a larger dampening") from None
+    torch.cholesky_inverse(H, out=H)
+    return torch.linalg.cholesky(H, upper=True, out=H)
 
 
 # round(j, kept, W1, i, mask1) -> the value column j takes; see column_sweep
@@ -77,7 +80,7 @@ def column_sweep(W: torch.Tensor, U: torch.Tensor, round_column: RoundColumn, *,
             err = (w - q) / U[i1 + i, i1 + i]  # [out, 1]
             W1[:, i:] -= err @ U[i1 + i, i1 + i:i2][None, :]
             E1[:, i] = err[:, 0]
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]
+        W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1)  # in place: no [out, in] temporary
         if mask1 is not None:
             pruned[:, i1:i2] = mask1
     return pruned
@@ -134,18 +137,20 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, grid: ScaleGrid, *, block:
     enters the group, on the error-updated weights. Lazy batch updates: errors are applied
     inside a block of columns at once and to the rest of the matrix once per block.
     """
-    W, H = _prepare(weight, hessian)
-    rows, cols = W.shape
+    rows, cols = weight.shape
     spec = grid.spec
     g = spec.group_size if spec.granularity == "group" else cols
+    perm = (torch.argsort(hessian.diagonal(), descending=True) if act_order
+            else torch.arange(cols, device=weight.device))
+    W, H = visiting_order(weight, hessian, perm)
+    del weight, hessian  # the caller's temporaries go now (see visiting_order)
+    U = inverse_hessian_factor(H, damp)  # [in, in], upper, in H's memory
     params: dict[int, QParams] = {}  # first storage column of a group -> its parameters
     if spec.granularity != "group":
         params[0] = grid.fit(W)
-    elif act_order:
-        params = {s: grid.fit(W[:, s:s + g]) for s in range(0, cols, g)}
-    perm = torch.argsort(H.diagonal(), descending=True) if act_order else torch.arange(cols, device=W.device)
-    W, H = W[:, perm], H[perm[:, None], perm[None, :]]  # one gather, not two copies
-    U = _inverse_hessian_factor(H, damp)  # [in, in], upper
+    elif act_order:  # static groups: storage column c sits at visiting position where[c]
+        where = torch.argsort(perm)
+        params = {s: grid.fit(W[:, where[s:s + g]]) for s in range(0, cols, g)}
 
     codes = torch.empty(rows, cols, dtype=code_dtype(grid), device=W.device)
     block = max(g, block // g * g) if not act_order else block  # groups never straddle blocks

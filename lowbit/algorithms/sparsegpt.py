@@ -20,7 +20,7 @@ import torch
 from ..errors import LowbitError
 from ..formats.grid import QParams, Quantized, ScaleGrid
 from ..schemes import check_sparsity
-from .gptq import _inverse_hessian_factor, _prepare, code_dtype, collect, column_sweep, grid_rounding
+from .gptq import code_dtype, collect, column_sweep, grid_rounding, inverse_hessian_factor, visiting_order
 
 
 def _n_m(structure: str) -> tuple[int, int]:
@@ -60,14 +60,15 @@ def sparsegpt(weight: torch.Tensor, hessian: torch.Tensor, grid: ScaleGrid | Non
     are visited in storage order: the n:m groups and the per-block masks are defined there.
     """
     check_sparsity(sparsity, structure)
-    W, H = _prepare(weight, hessian)
-    rows, cols = W.shape
+    rows, cols = weight.shape
     _, m = _n_m(structure)
     if m and cols % m:
         raise LowbitError(f"{structure} sparsity needs in_features divisible by {m}, got {cols}")
-    U = _inverse_hessian_factor(H, damp)  # [in, in], upper
+    perm = torch.arange(cols, device=weight.device)  # storage order: masks are defined there
+    W, H = visiting_order(weight, hessian, perm)
+    del weight, hessian  # the caller's temporaries go now
+    U = inverse_hessian_factor(H, damp)  # [in, in], upper, in H's memory
     choose = mask_chooser(sparsity, structure)
-    perm = torch.arange(cols, device=W.device)
     if grid is None:
         out = torch.empty_like(W)
 
