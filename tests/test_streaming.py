@@ -156,3 +156,18 @@ def test_hessian_in_row_blocks_matches_float64_reference(monkeypatch):
         h.update(x[2:])
         assert h.count == 150
         assert torch.allclose(h.sum.double(), ref, rtol=1e-5, atol=1e-4), rows  # float32 products and sum
+
+
+def test_finiteness_check_in_chunks(monkeypatch):
+    from lowbit import checkpoint
+
+    monkeypatch.setattr(checkpoint, "FINITE_CHUNK", 7)
+    t = torch.randn(5, 9).bfloat16()
+    assert checkpoint._all_finite(t)
+    huge = torch.full((5, 9), 3e38, dtype=torch.bfloat16)  # finite values whose sum overflows
+    assert checkpoint._all_finite(huge)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for at in (0, 20, 44):  # first, a middle and the last chunk
+            u = t.clone()
+            u.view(-1)[at] = bad
+            assert not checkpoint._all_finite(u), (bad, at)
