@@ -94,59 +94,56 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
     if where.type == "cuda" and distributed.active():  # torchrun: one GPU per local rank
         where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     ckpt = Checkpoint(model)
-    try:
-        scheme, notice = resolve_group_size(ckpt, scheme)
-        notices = [notice] if notice else []
-        data_free = not needs_calibration(scheme)
-        if data_free:
-            # RTN weights with dynamic or no activation quantization, no KV cache, no smoothing:
-            # data cannot change the result, so none is read and no forward runs
-            notices.append(f"{scheme.name} with {scheme.algorithm} is data-free: no calibration; "
-                           "the report gives each Linear's relative weight error")
-        for n in notices if distributed.is_main() else ():
-            log.warning(n)
-        _check_seq_len(ckpt, seq_len)
-        batches, source, dropped = [], None, 0
-        if not data_free:
-            tokenizer = ckpt.tokenizer()
-            records = data.read_records(dataset)
-            batches = data.calibration_samples(tokenizer, records, samples=samples, seq_len=seq_len,
-                                               seed=seed)
-            source, dropped = records.source, records.dropped
-            del records  # the parsed dataset (hundreds of MB for ShareGPT) is not needed past here
-            release_memory()  # the parsed dataset's pages must not add to calibration's peak
-        # under torchrun every rank calibrates on its share of the samples; rank 0 writes
-        # resumable: a rerun with the same fingerprint continues where a killed run stopped
-        # (not under torchrun, whose ranks would have to agree on where; nor with pruning,
-        # whose global sparsity is counted over the whole run)
-        resumable = not distributed.active() and scheme.sparsity is None
-        fingerprint = _fingerprint(ckpt, scheme, batches, source, dropped, where) if resumable else None
-        writer = CheckpointWriter(out, ckpt.path, scheme, overwrite=overwrite, fingerprint=fingerprint) \
-            if distributed.is_main() else distributed.Discard()
-        with writer:
-            layers = quantize_layers(ckpt, scheme, batches, writer, device=where)
-            worst = sorted(layers, key=lambda r: -r["rel_error"])
-            summary = {
-                "scheme": scheme.name,
-                "algorithm": scheme.algorithm,
-                "group_size": scheme.weights.group_size,
-                "kv_cache": "fp8" if scheme.kv_cache else None,
-                "smoothquant": scheme.smoothing,
-                "sparsity": scheme.sparsity,
-                "sparsity_structure": scheme.sparsity_structure if scheme.sparsity else None,
-                "notices": notices,
-                "model": str(ckpt.path.resolve()),
-                "dataset": source,
-                "records_dropped": dropped,
-                "device": str(where),
-                "samples": len(batches),
-                "error": "weight" if data_free else "output",
-                "calibration_tokens": int(sum(b.numel() for b in batches)),
-                "layers": worst,
-            }
-            writer.add_file(REPORT_FILE, json.dumps(summary, indent=2) + "\n")
-    finally:
-        ckpt.close()
+    scheme, notice = resolve_group_size(ckpt, scheme)
+    notices = [notice] if notice else []
+    data_free = not needs_calibration(scheme)
+    if data_free:
+        # RTN weights with dynamic or no activation quantization, no KV cache, no smoothing:
+        # data cannot change the result, so none is read and no forward runs
+        notices.append(f"{scheme.name} with {scheme.algorithm} is data-free: no calibration; "
+                       "the report gives each Linear's relative weight error")
+    for n in notices if distributed.is_main() else ():
+        log.warning(n)
+    _check_seq_len(ckpt, seq_len)
+    batches, source, dropped = [], None, 0
+    if not data_free:
+        tokenizer = ckpt.tokenizer()
+        records = data.read_records(dataset)
+        batches = data.calibration_samples(tokenizer, records, samples=samples, seq_len=seq_len,
+                                           seed=seed)
+        source, dropped = records.source, records.dropped
+        del records  # the parsed dataset (hundreds of MB for ShareGPT) is not needed past here
+        release_memory()  # the parsed dataset's pages must not add to calibration's peak
+    # under torchrun every rank calibrates on its share of the samples; rank 0 writes
+    # resumable: a rerun with the same fingerprint continues where a killed run stopped
+    # (not under torchrun, whose ranks would have to agree on where; nor with pruning,
+    # whose global sparsity is counted over the whole run)
+    resumable = not distributed.active() and scheme.sparsity is None
+    fingerprint = _fingerprint(ckpt, scheme, batches, source, dropped, where) if resumable else None
+    writer = CheckpointWriter(out, ckpt.path, scheme, overwrite=overwrite, fingerprint=fingerprint) \
+        if distributed.is_main() else distributed.Discard()
+    with writer:
+        layers = quantize_layers(ckpt, scheme, batches, writer, device=where)
+        worst = sorted(layers, key=lambda r: -r["rel_error"])
+        summary = {
+            "scheme": scheme.name,
+            "algorithm": scheme.algorithm,
+            "group_size": scheme.weights.group_size,
+            "kv_cache": "fp8" if scheme.kv_cache else None,
+            "smoothquant": scheme.smoothing,
+            "sparsity": scheme.sparsity,
+            "sparsity_structure": scheme.sparsity_structure if scheme.sparsity else None,
+            "notices": notices,
+            "model": str(ckpt.path.resolve()),
+            "dataset": source,
+            "records_dropped": dropped,
+            "device": str(where),
+            "samples": len(batches),
+            "error": "weight" if data_free else "output",
+            "calibration_tokens": int(sum(b.numel() for b in batches)),
+            "layers": worst,
+        }
+        writer.add_file(REPORT_FILE, json.dumps(summary, indent=2) + "\n")
     summary["out"] = str(out)
     summary["seconds"] = time.perf_counter() - start
     summary["size_bytes"] = _dir_size(Path(out))

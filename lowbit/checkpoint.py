@@ -156,9 +156,6 @@ class Checkpoint:
             return torch.empty(shape, dtype=dtype)
         return torch.frombuffer(buf, dtype=dtype).reshape(shape)
 
-    def close(self) -> None:
-        """Nothing stays open between reads; kept so callers can treat this like a file."""
-
     def skeleton(self, dtype: torch.dtype = torch.float32) -> nn.Module:
         """The model with every parameter on the meta device (buffers real), no weights read."""
         from accelerate import init_empty_weights

@@ -48,11 +48,8 @@ def write_quantized(src: Path, out: Path, scheme: str, shard_bytes: int = 512 * 
     if s.weights.format == "int" and s.weights.granularity == "group":
         s = s.with_options(group_size=32)  # tiny widths are 64 and 128
     ckpt = Checkpoint(src)
-    try:
-        with CheckpointWriter(out, src, s, shard_bytes=shard_bytes) as writer:
-            quantize_layers(ckpt, s, samples(), writer)
-    finally:
-        ckpt.close()
+    with CheckpointWriter(out, src, s, shard_bytes=shard_bytes) as writer:
+        quantize_layers(ckpt, s, samples(), writer)
     return out
 
 

@@ -36,7 +36,6 @@ def run(src: Path, out: Path, scheme="FP8", ignore=()):
     ckpt = Checkpoint(src)
     with CheckpointWriter(out, src, s, overwrite=True) as w:
         report = quantize_layers(ckpt, s, samples(), w)
-    ckpt.close()
     return report
 
 

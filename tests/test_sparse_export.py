@@ -45,11 +45,8 @@ def pruned(tiny_dir, tmp_path_factory):
                 scheme = scheme.with_options(group_size=32)  # tiny widths are 64 and 128
             src, out = tiny_dir("llama"), tmp_path_factory.mktemp("sparse") / case
             ckpt = Checkpoint(src)
-            try:
-                with CheckpointWriter(out, src, scheme) as writer:
-                    quantize_layers(ckpt, scheme, samples(n=8, length=64), writer)
-            finally:
-                ckpt.close()
+            with CheckpointWriter(out, src, scheme) as writer:
+                quantize_layers(ckpt, scheme, samples(n=8, length=64), writer)
             made[case] = out
         return made[case]
 
@@ -84,11 +81,8 @@ def test_sparsity_config_parses_with_the_library_model(case, pruned):
 def test_dense_schemes_write_no_sparsity_config(tiny_dir, tmp_path):
     scheme = PRESETS["FP8_DYNAMIC"]
     ckpt = Checkpoint(tiny_dir("llama"))
-    try:
-        with CheckpointWriter(tmp_path / "out", tiny_dir("llama"), scheme) as writer:
-            quantize_layers(ckpt, scheme, samples(), writer)
-    finally:
-        ckpt.close()
+    with CheckpointWriter(tmp_path / "out", tiny_dir("llama"), scheme) as writer:
+        quantize_layers(ckpt, scheme, samples(), writer)
     assert "sparsity_config" not in qconfig(tmp_path / "out")
 
 

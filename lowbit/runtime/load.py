@@ -123,37 +123,34 @@ def _simulate_kv_cache(model: nn.Module, ckpt: Checkpoint, spec: QuantSpec) -> N
 @torch.no_grad()
 def load_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
     ckpt = Checkpoint(path, allow_quantized=True)
-    try:
-        qcfg = ckpt.config_dict.get("quantization_config")
-        if qcfg is not None and qcfg.get("quant_method") != "compressed-tensors":
-            raise LowbitError(f"{path} uses {qcfg.get('quant_method')!r}; lowbit runs compressed-tensors checkpoints")
-        model = ckpt.skeleton(dtype)
-        tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in ckpt.files
-        for name, module in model.named_modules():
-            group = _scheme_for(name, module, qcfg) if qcfg else None
-            for pname, _ in list(module.named_parameters(recurse=False)):
-                full = f"{name}.{pname}" if name else pname
-                if tied and full == "lm_head.weight":
-                    continue
-                if group is not None and pname == "weight":
-                    q = stored_linear(_Tensors(ckpt), name, spec_from_args(group["weights"]))
-                    module.weight = nn.Parameter(q.dequantize().to(dtype), requires_grad=False)
-                else:
-                    ckpt.materialize_param(module, pname, full, dtype)
-            quant = None
-            if group is not None and group.get("input_activations"):
-                spec = spec_from_args(group["input_activations"])
-                stored = "input_global_scale" if spec.format == "nvfp4" else "input_scale"
-                scale = None if spec.dynamic else ckpt.tensor(f"{name}.{stored}")
-                quant = activation_qdq(spec, scale)
-            rot = _rotation_block(name, module, qcfg) if qcfg else None
-            f = online_input(rot, quant)
-            if f is not None:
-                module.register_forward_pre_hook(lambda m, a, f=f: (f(a[0]),))
-        if tied:
-            model.get_output_embeddings().weight = model.get_input_embeddings().weight
-        if qcfg and qcfg.get("kv_cache_scheme"):
-            _simulate_kv_cache(model, ckpt, spec_from_args(qcfg["kv_cache_scheme"]))
-        return model.eval()
-    finally:
-        ckpt.close()
+    qcfg = ckpt.config_dict.get("quantization_config")
+    if qcfg is not None and qcfg.get("quant_method") != "compressed-tensors":
+        raise LowbitError(f"{path} uses {qcfg.get('quant_method')!r}; lowbit runs compressed-tensors checkpoints")
+    model = ckpt.skeleton(dtype)
+    tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in ckpt.files
+    for name, module in model.named_modules():
+        group = _scheme_for(name, module, qcfg) if qcfg else None
+        for pname, _ in list(module.named_parameters(recurse=False)):
+            full = f"{name}.{pname}" if name else pname
+            if tied and full == "lm_head.weight":
+                continue
+            if group is not None and pname == "weight":
+                q = stored_linear(_Tensors(ckpt), name, spec_from_args(group["weights"]))
+                module.weight = nn.Parameter(q.dequantize().to(dtype), requires_grad=False)
+            else:
+                ckpt.materialize_param(module, pname, full, dtype)
+        quant = None
+        if group is not None and group.get("input_activations"):
+            spec = spec_from_args(group["input_activations"])
+            stored = "input_global_scale" if spec.format == "nvfp4" else "input_scale"
+            scale = None if spec.dynamic else ckpt.tensor(f"{name}.{stored}")
+            quant = activation_qdq(spec, scale)
+        rot = _rotation_block(name, module, qcfg) if qcfg else None
+        f = online_input(rot, quant)
+        if f is not None:
+            module.register_forward_pre_hook(lambda m, a, f=f: (f(a[0]),))
+    if tied:
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
+    if qcfg and qcfg.get("kv_cache_scheme"):
+        _simulate_kv_cache(model, ckpt, spec_from_args(qcfg["kv_cache_scheme"]))
+    return model.eval()
