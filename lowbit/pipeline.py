@@ -149,7 +149,7 @@ def _solve(weights: dict[str, torch.Tensor], stats: _SetStats | None, grid, sche
     """Quantize a fused set. GPTQ treats output rows independently given the shared input
     Hessian, so the members run as one stacked matrix: one column sweep instead of three."""
     if scheme.sparsity is not None:
-        stacked = _prune(torch.cat(list(weights.values())), stats.hessian.take_mean(), grid, scheme)
+        stacked = _prune(weights, stats, grid, scheme)
     elif not scheme.uses_gptq:
         return {n: rtn(w, grid) for n, w in weights.items()}
     else:
@@ -163,14 +163,15 @@ def _solve(weights: dict[str, torch.Tensor], stats: _SetStats | None, grid, sche
     return out
 
 
-def _prune(weight: torch.Tensor, H: torch.Tensor, grid, scheme: Scheme) -> Quantized:
-    """SparseGPT. With GPTQ the survivors are quantized in the same column sweep (joint mode);
-    with RTN the sweep prunes in float and the survivors are then rounded to nearest, a
-    per-tensor scale re-bound on the pruned weights (compensation can move their maximum)."""
+def _prune(weights: dict[str, torch.Tensor], stats: _SetStats, grid, scheme: Scheme) -> Quantized:
+    """SparseGPT on a fused set's stacked weights. With GPTQ the survivors are quantized in the
+    same column sweep (joint mode); with RTN the sweep prunes in float and the survivors are
+    then rounded to nearest, a per-tensor scale re-bound on the pruned weights (compensation
+    can move their maximum). Stack and Hessian go in as temporaries, for sparsegpt to free."""
     options = dict(sparsity=scheme.sparsity, structure=scheme.sparsity_structure, damp=scheme.damp)
     if scheme.uses_gptq:
-        return sparsegpt(weight, H, grid, **options)[1]
-    pruned, _ = sparsegpt(weight, H, None, **options)
+        return sparsegpt(torch.cat(list(weights.values())), stats.hessian.take_mean(), grid, **options)[1]
+    pruned, _ = sparsegpt(torch.cat(list(weights.values())), stats.hessian.take_mean(), None, **options)
     q = rtn(pruned, grid.bind(pruned))
     q.mask = pruned == 0
     return q
