@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import sys
 
-GIB = 2**20  # /proc/self/status reports kB
+KB_PER_GIB = 2**20  # /proc/self/status reports kB
 
 
 def _status(key: str) -> float:
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(key + ":"):
-                return int(line.split()[1]) / GIB
+                return int(line.split()[1]) / KB_PER_GIB
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 

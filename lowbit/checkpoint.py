@@ -16,10 +16,10 @@ from .errors import LowbitError
 log = logging.getLogger(__name__)
 
 
-_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
-           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-           "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
-           "F8_E5M2": torch.float8_e5m2}
+SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
+                      "F64": torch.float64, "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                      "U8": torch.uint8, "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn,
+                      "F8_E5M2": torch.float8_e5m2}
 
 
 def _read_header(path: Path) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
@@ -40,7 +40,7 @@ def _read_header(path: Path) -> dict[str, tuple[torch.dtype, list[int], int, int
             if name == "__metadata__":
                 continue
             start, end = info["data_offsets"]
-            dtype = _DTYPES[info["dtype"]]
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
             count = math.prod(info["shape"])
             if end - start != count * dtype.itemsize or 8 + n + end > size:
                 raise ValueError(f"tensor {name} does not fit the file (truncated?)")

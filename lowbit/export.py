@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import torch
 from safetensors import safe_open
 
+from .checkpoint import SAFETENSORS_DTYPES
 from .errors import LowbitError
 from .formats.grid import Quantized
 from .formats.pack import pack_fp4, pack_int32
@@ -180,10 +181,7 @@ def check_fused(prefix: str, sets: list[tuple[str, ...]], quantized: dict[str, Q
                 raise LowbitError(f"the fused set {names} has different input scales")
 
 
-_SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2", torch.int64: "I64",
-    torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}  # the reader's table, inverted
 
 
 def save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
@@ -200,7 +198,7 @@ def save_file(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, 
     for n in names:
         t = tensors[n]
         size = t.numel() * t.element_size()
-        header[n] = {"dtype": _SAFETENSORS_DTYPES[t.dtype], "shape": list(t.shape),
+        header[n] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape),
                      "data_offsets": [offset, offset + size]}
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()

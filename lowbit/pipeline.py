@@ -168,10 +168,11 @@ def _prune(weights: dict[str, torch.Tensor], stats: _SetStats, grid, scheme: Sch
     same column sweep (joint mode); with RTN the sweep prunes in float and the survivors are
     then rounded to nearest, a per-tensor scale re-bound on the pruned weights (compensation
     can move their maximum). Stack and Hessian go in as temporaries, for sparsegpt to free."""
-    options = dict(sparsity=scheme.sparsity, structure=scheme.sparsity_structure, damp=scheme.damp)
-    if scheme.uses_gptq:
-        return sparsegpt(torch.cat(list(weights.values())), stats.hessian.take_mean(), grid, **options)[1]
-    pruned, _ = sparsegpt(torch.cat(list(weights.values())), stats.hessian.take_mean(), None, **options)
+    pruned, q = sparsegpt(torch.cat(list(weights.values())), stats.hessian.take_mean(),
+                          grid if scheme.uses_gptq else None, sparsity=scheme.sparsity,
+                          structure=scheme.sparsity_structure, damp=scheme.damp)
+    if q is not None:
+        return q
     q = rtn(pruned, grid.bind(pruned))
     q.mask = pruned == 0
     return q
