@@ -64,6 +64,10 @@ def from_env() -> Iterator[None]:
         raise LowbitError(f"cannot join the torchrun process group: {str(e).splitlines()[0]}") from None
     try:
         yield
+        # leave together: a gloo rank torn down while a peer still finishes its work (rank 0
+        # writing the checkpoint) can abort at exit (SIGABRT, seen in CI-like runs); skipped when
+        # the block raised, where a barrier would wait for ranks that may never come
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
