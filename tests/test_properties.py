@@ -17,7 +17,7 @@ from lowbit.formats.grid import QParams, _scale_from_amax, grid_for
 from lowbit.formats.pack import pack_int32, unpack_int32
 from lowbit.schemes import QuantSpec
 
-SETTINGS = settings(max_examples=50, deadline=None)
+SETTINGS = settings(max_examples=50, deadline=None, derandomize=True)  # CI sees the same examples every run
 DTYPES = [torch.float32, torch.bfloat16]
 
 
