@@ -15,6 +15,7 @@ from . import data, distributed
 from .checkpoint import Checkpoint, load_tokenizer
 from .errors import LowbitError
 from .export import CheckpointWriter
+from .hardware import Compute, compute_dtype
 from .memory import release_memory
 from .outdir import check_output
 from .partial import software_fingerprint, source_fingerprint
@@ -54,13 +55,14 @@ def _check_seq_len(ckpt: Checkpoint, seq_len: int) -> None:
 
 
 def _fingerprint(ckpt: Checkpoint, scheme: Scheme, batches: list[torch.Tensor], source: str,
-                 dropped: int, device: torch.device) -> dict:
+                 dropped: int, device: torch.device, compute: Compute) -> dict:
     """What a resumed run must share with the run it continues: everything the bytes depend on."""
     tokens = hashlib.sha256()
     for b in batches:
         tokens.update(len(b).to_bytes(8, "little") + b.numpy().tobytes())
     return {"software": software_fingerprint(), "input checkpoint": source_fingerprint(ckpt.path),
             "scheme and options": repr(scheme), "device": device.type,  # GPU bf16 matmuls differ
+            "compute dtype": compute.name,  # so do bf16 and float32 forwards
             "calibration data": {"dataset": source, "dropped": dropped, "tokens": tokens.hexdigest()}}
 
 
@@ -71,7 +73,7 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
              kv_cache: str | None = None, kv_scale: str | None = None,
              smoothquant: str | None = None, sparsity: float | None = None,
              sparsity_structure: str | None = None, device: str = "auto",
-             overwrite: bool = False) -> dict:
+             compute: str = "auto", overwrite: bool = False) -> dict:
     """Quantize the checkpoint directory `model` with `scheme` and write a compressed-tensors
     checkpoint to `out`.
 
@@ -79,7 +81,10 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
     calibration split), chosen by `seed`. `group_size` and `algorithm` ("rtn", "gptq" or "mr-gptq")
     override the scheme's defaults. `sparsity` (a fraction in (0, 1)) with `sparsity_structure`
     ("unstructured" or "2:4") prunes every quantized Linear with SparseGPT first. `device` runs
-    the layers, statistics and solvers on a GPU ("auto": a GPU when torch sees one). Returns a
+    the layers, statistics and solvers on a GPU ("auto": a GPU when torch sees one). `compute`
+    is the dtype forwards run in: "auto" (the checkpoint's dtype where the hardware computes it
+    natively, else float32), "float32" or "bfloat16"; stored weights and scales keep the
+    checkpoint's dtype either way. Returns a
     summary: scheme, timings, output size and the per-Linear relative errors, worst first (also
     saved as OUT/lowbit_report.json): output errors on calibration data, or weight errors for
     data-free schemes, which read no data.
@@ -94,6 +99,9 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
     if where.type == "cuda" and distributed.active():  # torchrun: one GPU per local rank
         where = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     ckpt = Checkpoint(model)
+    forward = compute_dtype(ckpt.dtype, compute, where)
+    if distributed.is_main():
+        log.info("computing in %s: %s", forward.name, forward.reason)
     scheme, notice = resolve_group_size(ckpt, scheme)
     notices = [notice] if notice else []
     data_free = not needs_calibration(scheme)
@@ -119,11 +127,11 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
     # (not under torchrun, whose ranks would have to agree on where; nor with pruning,
     # whose global sparsity is counted over the whole run)
     resumable = not distributed.active() and scheme.sparsity is None
-    fingerprint = _fingerprint(ckpt, scheme, batches, source, dropped, where) if resumable else None
+    fingerprint = _fingerprint(ckpt, scheme, batches, source, dropped, where, forward) if resumable else None
     writer = CheckpointWriter(out, ckpt.path, scheme, overwrite=overwrite, fingerprint=fingerprint) \
         if distributed.is_main() else distributed.Discard()
     with writer:
-        layers = quantize_layers(ckpt, scheme, batches, writer, device=where)
+        layers = quantize_layers(ckpt, scheme, batches, writer, device=where, compute=forward.dtype)
         worst = sorted(layers, key=lambda r: -r["rel_error"])
         summary = {
             "scheme": scheme.name,
@@ -138,6 +146,7 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
             "dataset": source,
             "records_dropped": dropped,
             "device": str(where),
+            "compute_dtype": forward.as_dict(),
             "samples": len(batches),
             "error": "weight" if data_free else "output",
             "calibration_tokens": int(sum(b.numel() for b in batches)),
@@ -151,19 +160,30 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
     return summary
 
 
-def load(path: str | Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+def load(path: str | Path, dtype: torch.dtype | str = "auto") -> torch.nn.Module:
     """A model ready to run on CPU: unquantized checkpoints as they are; lowbit/compressed-tensors
     checkpoints with weights dequantized exactly as stored and input activations quantized
-    in the forward pass, as vLLM computes them."""
+    in the forward pass, as vLLM computes them. `dtype` is what it computes in: a torch dtype,
+    or "auto" (the checkpoint's dtype where this CPU computes it natively, else float32),
+    "float32" or "bfloat16"."""
     from .runtime.load import load_model
 
+    if isinstance(dtype, str):
+        dtype = _compute_for(Path(path), dtype).dtype
     return load_model(Path(path), dtype)
 
 
+def _compute_for(path: Path, choice: str, device: torch.device | str = "cpu") -> Compute:
+    """The compute dtype for a checkpoint directory, from its config's dtype."""
+    return compute_dtype(Checkpoint(path, allow_quantized=True).dtype, choice, device)
+
+
 def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: str = "sharegpt",
-             windows: int = 32, seq_len: int = 512, device: str = "auto") -> dict:
+             windows: int = 32, seq_len: int = 512, device: str = "auto",
+             compute: str = "auto") -> dict:
     """Perplexity of `model` on held-out windows of `dataset` (its evaluation split); with a
-    `baseline`, also mean next-token KL(baseline || model) and top-1 agreement."""
+    `baseline`, also mean next-token KL(baseline || model) and top-1 agreement. Both models run
+    in one `compute` dtype, chosen for `model`'s stored dtype as in quantize()."""
     from .metrics import compare
 
     start = time.perf_counter()
@@ -175,10 +195,12 @@ def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: 
     texts = data.read_records(dataset)
     wins = data.eval_windows(tokenizer, texts, windows=windows, seq_len=seq_len)
     where = resolve_device(device)
-    net = load(path).to(where)
-    base = load(baseline).to(where) if baseline is not None else None
+    forward = _compute_for(path, compute, where)
+    log.info("computing in %s: %s", forward.name, forward.reason)
+    net = load(path, forward.dtype).to(where)
+    base = load(baseline, forward.dtype).to(where) if baseline is not None else None
     result = compare(net, wins, base)
     result.update(model=str(path), baseline=str(baseline) if baseline else None,
                   windows=len(wins), seq_len=seq_len, size_bytes=_dir_size(path), device=str(where),
-                  seconds=time.perf_counter() - start)
+                  compute_dtype=forward.as_dict(), seconds=time.perf_counter() - start)
     return result

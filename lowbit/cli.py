@@ -9,6 +9,7 @@ import os
 import sys
 
 from .errors import LowbitError
+from .hardware import CHOICES
 from .schemes import PRESETS
 
 EPILOG_QUANTIZE = """schemes:
@@ -42,6 +43,7 @@ def _print_quantize(s: dict, top: int = 10) -> None:
           f"in {s['seconds']:.1f} s")
     for notice in s["notices"]:
         print(f"note: {notice}")
+    print(_compute_line(s["compute_dtype"]))
     if s["samples"]:
         print(f"calibration: {s['samples']} samples, {s['calibration_tokens']} tokens from {s['dataset']}"
               + (f" ({s['records_dropped']} malformed records dropped)" if s["records_dropped"] else ""))
@@ -54,12 +56,17 @@ def _print_quantize(s: dict, top: int = 10) -> None:
         print(f"  {row['rel_error']:9.5f}  {row['name']}")
 
 
+def _compute_line(c: dict) -> str:
+    return f"computed in {c['dtype']}: {c['reason']}"
+
+
 def _print_eval(r: dict) -> None:
     rows = [("model", r["model"]), ("ppl", f"{r['ppl']:.4f}")]
     if r.get("baseline"):
         rows += [("baseline", r["baseline"]), ("baseline ppl", f"{r['baseline_ppl']:.4f}"),
                  ("KL (nats/token)", f"{r['kl']:.6f}"), ("top-1 agreement", f"{r['top1']:.4%}")]
     rows += [("size on disk", _size(r["size_bytes"])), ("tokens", str(r["tokens"])),
+             ("compute dtype", f"{r['compute_dtype']['dtype']} ({r['compute_dtype']['reason']})"),
              ("time", f"{r['seconds']:.1f} s")]
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
@@ -77,7 +84,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
                          algorithm=a.algorithm, kv_cache=a.kv_cache, kv_scale=a.kv_scale,
                          smoothquant=a.smoothquant, sparsity=a.sparsity,
                          sparsity_structure=a.sparsity_structure, device=a.device,
-                         overwrite=a.overwrite)
+                         compute=a.compute_dtype, overwrite=a.overwrite)
         if not distributed.is_main():
             return
     print(json.dumps(s, indent=2)) if a.json else _print_quantize(s)
@@ -87,7 +94,7 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     from . import api
 
     r = api.evaluate(a.model, a.baseline, dataset=a.dataset, windows=a.windows, seq_len=a.seq_len,
-                     device=a.device)
+                     device=a.device, compute=a.compute_dtype)
     print(json.dumps(r, indent=2)) if a.json else _print_eval(r)
 
 
@@ -113,6 +120,14 @@ def _fraction(text: str) -> float:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+
+
+def _add_compute_dtype(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--compute-dtype", choices=CHOICES, default="auto",
+                        help=f"the dtype {what}. auto (default): the checkpoint's dtype where the "
+                        "hardware computes it natively (GPUs; CPUs with AVX512-BF16 or AMX for "
+                        "bf16), else float32, which is exact for bf16 values and many times "
+                        "faster where bf16 is emulated (AVX2 CPUs)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -166,6 +181,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto", help="where layers are calibrated and solved: auto "
                    "(a CUDA GPU when torch sees one, else the CPU), cpu, cuda or cuda:N; the model "
                    "is still read one layer at a time, so a GPU needs room for one layer only")
+    _add_compute_dtype(q, "calibration forwards and statistics run in; stored weights and "
+                       "scales keep the checkpoint's dtype either way")
     q.add_argument("--overwrite", action="store_true", help="replace OUT if it exists, and discard "
                    "an unfinished run with other arguments (a killed run is resumed by rerunning "
                    "the same command)")
@@ -183,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default: 512)")
     e.add_argument("--device", default="auto", help="auto (a CUDA GPU when torch sees one), cpu, "
                    "cuda or cuda:N")
+    _add_compute_dtype(e, "both models run in")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_cmd_eval)
 

@@ -28,6 +28,7 @@ from .checkpoint import Checkpoint
 from .errors import LowbitError
 from .export import check_fused, check_shape
 from .formats.grid import Quantized, activation_qdq, grid_for
+from .hardware import compute_dtype
 from .models import arch_for, decoder_layers, layer_layout, linears
 from .memory import release_memory
 from .progress import progress
@@ -281,12 +282,14 @@ def _input_scale(scheme: Scheme, amax: AbsMax, dtype: torch.dtype) -> torch.Tens
 
 @torch.no_grad()
 def _replay(layer, prefix: str, stored: dict[str, torch.Tensor], scheme: Scheme, hidden, kwargs,
-            dtype: torch.dtype, device: torch.device | str = "cpu", quantize_inputs: bool = True) -> None:
+            dtype: torch.dtype, compute: torch.dtype, device: torch.device | str = "cpu",
+            quantize_inputs: bool = True) -> None:
     """Run layer i as an earlier run wrote it (resume): its parameters as stored (quantized
     Linears dequantized from their codes, smoothed norms as folded), its inputs quantized with
     the stored scales (not for one_pass schemes, which hand on the layer's outputs before
     their inputs are quantized), through the same forward as _propagate, so `hidden` becomes
-    bit for bit what that run handed to layer i+1."""
+    bit for bit what that run handed to layer i+1. Parameters are rounded to the stored `dtype`
+    and run in `compute`, as quantize_layers does."""
     targets, act_quant = {}, {}
     for n, lin in linears(layer).items():
         if f"{prefix}{n}.weight_scale" in stored:
@@ -301,10 +304,10 @@ def _replay(layer, prefix: str, stored: dict[str, torch.Tensor], scheme: Scheme,
         owner, _, leaf = name.rpartition(".")
         module = layer.get_submodule(owner) if owner else layer
         if owner in targets and leaf == "weight":
-            value = stored_linear(stored, prefix + owner, scheme.weights).dequantize()
+            value = stored_linear(stored, prefix + owner, scheme.weights).dequantize().to(dtype)
         else:
             value = stored[prefix + name]
-        setattr(module, leaf, nn.Parameter(value.to(device=device, dtype=dtype), requires_grad=False))
+        setattr(module, leaf, nn.Parameter(value.to(device=device, dtype=compute), requires_grad=False))
     attn = attention_modules(layer) if scheme.kv_cache is not None else {}
     _propagate(layer, targets, {}, act_quant, hidden, kwargs, 0,
                {m: (AbsMax(), AbsMax()) for m in attn.values()})
@@ -352,24 +355,31 @@ def _drop_outer(model: nn.Module, layers_path: str) -> None:
 
 @torch.no_grad()
 def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor], writer,
-                    report_batches: int = 2, device: torch.device | str = "cpu") -> list[dict]:
+                    report_batches: int = 2, device: torch.device | str = "cpu",
+                    compute: torch.dtype | None = None) -> list[dict]:
     """Quantize every decoder layer of `ckpt` in turn, handing results to `writer`.
 
     Layers, activations, statistics and solvers live on `device` (a GPU, when there is one);
     the model outside the current layer stays on the meta device, and the writer gets CPU copies.
 
+    Forwards run in `compute` (default: hardware.compute_dtype's choice for the checkpoint's
+    dtype); weights and scales are quantized and stored in the checkpoint's own dtype.
+
     Returns the per-Linear error report: [{"name", "rel_error"}], in model order.
     Under torch.distributed each rank runs its contiguous share of the batches (the error
     report covers the first `report_batches` batches overall) and statistics are merged.
     """
-    # Layers run in the checkpoint's own dtype (bf16 for most): that is what the served model
-    # computes, and bf16 matmuls are several times faster on CPUs with AVX512-BF16/AMX.
-    # Weights are quantized from their exact stored values; statistics accumulate in float32+.
+    # Layers run in the checkpoint's own dtype (bf16 for most) where the hardware computes it
+    # natively: that is what the served model computes. Where bf16 is emulated (AVX2 CPUs) they
+    # run in float32, several times faster and exact for bf16 values (hardware.py).
+    # Weights are quantized from their exact stored values; scales are made exact in the stored
+    # dtype (`dtype`); statistics accumulate in float32+.
     dtype = ckpt.dtype
-    model = ckpt.skeleton(dtype)
+    compute = compute or compute_dtype(dtype, "auto", device).dtype
+    model = ckpt.skeleton(compute)
     arch = arch_for(model)
     layers = decoder_layers(model, arch)
-    ckpt.load_outer(model, arch.layers, dtype, device)
+    ckpt.load_outer(model, arch.layers, compute, device)
     start, report = writer.layers_done, list(writer.resumed_report)
     # embeddings, final norm and lm_head: stored with layer 0 (see below) unless a resumed run has them
     outer = [] if start else sorted(n for n in ckpt.names() if not n.startswith(arch.layers + "."))
@@ -399,14 +409,14 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
     for i in progress(range(len(layers)), "quantizing layers"):
         layer, prefix = layers[i], f"{arch.layers}.{i}."
         if i >= start or sets is None:  # a replayed layer is read from OUT, not from the input
-            ckpt.materialize(layer, prefix, dtype, device)
+            ckpt.materialize(layer, prefix, compute, device)
             layer.to(device)  # its buffers, if any
         if sets is None:
             layout = layer_layout(layer, (hidden[0],), kwargs[0][0])
             sets = layout.sets
         if i < start:
             if not data_free:  # a data-free run has no activations to carry forward
-                _replay(layer, prefix, writer.stored(prefix), scheme, hidden, kwargs[i], dtype, device,
+                _replay(layer, prefix, writer.stored(prefix), scheme, hidden, kwargs[i], dtype, compute, device,
                         quantize_inputs=not single)
             layer.to("meta")
             continue
@@ -445,7 +455,7 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
             grid = grid_for(scheme.weights, dtype).bind(torch.cat(list(weights.values())))
             for n in s:
                 check_shape(prefix + n, *weights[n].shape, scheme.weights)
-                originals[n] = weights[n].to(dtype)  # error-report reference (no copy unless smoothed)
+                originals[n] = weights[n].to(compute)  # error-report reference (no copy unless smoothed)
             if s in later:
                 stats[s].hessian = _later_hessian(layer, targets[s[0]], hidden, kwargs[i], rot)
             if rot:  # MR-GPTQ: solve for W R; the stored weights stay rotated, inputs rotate online
@@ -454,7 +464,8 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
             quantized.update(_solve(weights, stats.get(s), grid, scheme))
         originals.update({n: m.weight for n, m in targets.items() if n not in originals})
         for n, q in quantized.items():
-            targets[n].weight = nn.Parameter(q.dequantize().to(dtype), requires_grad=False)
+            # the values a consumer computes in the stored dtype, held in the compute dtype
+            targets[n].weight = nn.Parameter(q.dequantize().to(dtype).to(compute), requires_grad=False)
         if single:  # ranges of the layer with its weights already quantized (see one_pass)
             report_in = [h.clone() for h in hidden[:report_batches]]  # before `hidden` moves on
             stats = _collect(layer, targets, mine, hidden, kwargs[i], scheme, (), kv_stats, forward=True)

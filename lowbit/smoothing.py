@@ -41,25 +41,38 @@ def _rescale_stats(st, s: torch.Tensor) -> None:
     st.sample = [x / s for x in st.sample]
 
 
+def _divided(param: torch.Tensor, s: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """param / s rounded to the stored `dtype`; the module keeps it in its own (compute) dtype."""
+    stored = (param.float() / s).to(dtype)
+    param.data = stored.to(param.dtype)
+    return stored
+
+
 def smooth_into_norm(norm: nn.Module, weights: dict[str, torch.Tensor], st, scheme: Scheme,
-                     offset: float, dtype: torch.dtype) -> None:
-    """Scale a fused set's weights by s and fold 1/s into the norm producing its input."""
+                     offset: float, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Scale a fused set's weights by s and fold 1/s into the norm producing its input.
+    Returns the norm's new parameters in the stored `dtype`, by parameter name."""
     ws = list(weights.values())
     x_amax, w_amax = st.amax.value, weight_range(ws)
     scales = lambda a: smoothing_scales(x_amax, w_amax, a)  # noqa: E731
-    stored, s = fold_into_norm(norm.weight.data, scales(_alpha(scheme, st, ws, scales, dtype)), offset)
-    norm.weight.data = stored
+    # rounded to the stored dtype, not the (possibly wider) dtype the layer computes in
+    stored, s = fold_into_norm(norm.weight.data.to(dtype), scales(_alpha(scheme, st, ws, scales, dtype)), offset)
+    norm.weight.data = stored.to(norm.weight.dtype)
+    changed = {"weight": stored}
     if getattr(norm, "bias", None) is not None:
-        norm.bias.data = (norm.bias.float() / s).to(norm.bias.dtype)
+        changed["bias"] = _divided(norm.bias, s, dtype)
     for n in weights:
         weights[n] = weights[n] * s
     _rescale_stats(st, s)
+    return changed
 
 
 def smooth_v_into_o(v: nn.Linear, v_weight: torch.Tensor, o: nn.Linear, st_o, scheme: Scheme,
-                    heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> torch.Tensor:
+                    heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Divide V's output channels by s, scale o_proj's input columns by s (in place on
-    o.weight, as float32 until o_proj is quantized). Returns v_weight / s."""
+    o.weight, as float32 until o_proj is quantized). Returns v_weight / s and V's new bias
+    in the stored `dtype` (None without one)."""
     rep = heads // kv_heads
     grouped = lambda t: t.reshape(kv_heads, rep, head_dim).amax(1).flatten()  # noqa: E731
     x_amax, w_amax = grouped(st_o.amax.value), grouped(o.weight.float().abs().amax(0))
@@ -68,10 +81,9 @@ def smooth_v_into_o(v: nn.Linear, v_weight: torch.Tensor, o: nn.Linear, st_o, sc
     s_v = smoothing_scales(x_amax, w_amax, _alpha(scheme, st_o, [o.weight.float()], scales, dtype))
     s_o = expand(s_v)
     o.weight = nn.Parameter(o.weight.float() * s_o, requires_grad=False)
-    if v.bias is not None:
-        v.bias.data = (v.bias.float() / s_v).to(v.bias.dtype)
+    bias = _divided(v.bias, s_v, dtype) if v.bias is not None else None
     _rescale_stats(st_o, s_o)
-    return v_weight / s_v[:, None]
+    return v_weight / s_v[:, None], bias
 
 
 def smooth_set(layer: nn.Module, prefix: str, members: tuple[str, ...], weights: dict[str, torch.Tensor],
@@ -83,10 +95,8 @@ def smooth_set(layer: nn.Module, prefix: str, members: tuple[str, ...], weights:
     changed = {}
     if members in norms:
         norm = layer.get_submodule(norms[members])
-        smooth_into_norm(norm, weights, stats[members], scheme, offset, dtype)
-        changed[f"{prefix}{norms[members]}.weight"] = norm.weight.data
-        if getattr(norm, "bias", None) is not None:
-            changed[f"{prefix}{norms[members]}.bias"] = norm.bias.data
+        stored = smooth_into_norm(norm, weights, stats[members], scheme, offset, dtype)
+        changed.update({f"{prefix}{norms[members]}.{p}": t for p, t in stored.items()})
     v_name = next((n for n in members if n.endswith("v_proj")), None)
     o_set = next((s for s in stats if len(s) == 1 and s[0].endswith("o_proj")), None)
     heads, kv_heads = config.num_attention_heads, getattr(config, "num_key_value_heads", None)
@@ -94,8 +104,8 @@ def smooth_set(layer: nn.Module, prefix: str, members: tuple[str, ...], weights:
     if v_name and o_set and kv_heads and heads % kv_heads == 0:
         v, o = layer.get_submodule(v_name), layer.get_submodule(o_set[0])
         if v.out_features == kv_heads * head_dim and o.in_features == heads * head_dim:
-            weights[v_name] = smooth_v_into_o(v, weights[v_name], o, stats[o_set], scheme,
-                                              heads, kv_heads, head_dim, dtype)
-            if v.bias is not None:
-                changed[f"{prefix}{v_name}.bias"] = v.bias.data
+            weights[v_name], bias = smooth_v_into_o(v, weights[v_name], o, stats[o_set], scheme,
+                                                    heads, kv_heads, head_dim, dtype)
+            if bias is not None:
+                changed[f"{prefix}{v_name}.bias"] = bias
     return changed
