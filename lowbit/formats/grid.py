@@ -33,18 +33,28 @@ class QParams:
 
 
 def _scale_from_amax(amax: torch.Tensor, qmax: float, dtype: torch.dtype) -> torch.Tensor:
-    """scale = amax / qmax (MLPerf FP8: amax / 448), made exactly representable in `dtype`.
+    """scale = amax / qmax (MLPerf FP8: amax / 448), at least 2^-126, exact in `dtype`.
 
     Consumers hold scales in the model's dtype (transformers casts them to bf16), so a scale is
     rounded *up* to that dtype before any code is computed with it: codes and stored scale then
-    agree in every consumer, and rounding up never clips the calibrated maximum.
+    agree in every consumer, and rounding up never clips the calibrated maximum. Where the 2^-126
+    floor applies (amax < qmax * 2^-126) the round-trip error of the smallest values is absolute,
+    not relative: see the comment on the floor.
     """
     amax = amax.float()
     # An all-zero tensor or row has no range; any scale codes it exactly, 1.0 keeps it finite.
     # Divide by a tensor, not a Python number: CUDA turns division by a scalar into
     # multiplication by its reciprocal, which rounds differently and changes stored scales.
     # A subnormal amax would make amax / qmax underflow to a zero scale (x / 0 in every
-    # consumer): the smallest normal float32 still covers it.
+    # consumer), and a scale below 2^-128 has no finite float32 reciprocal (vLLM's static FP8
+    # quant kernel multiplies by 1 / scale): the smallest normal float32, 2^-126, survives both
+    # and still covers the range. The price: values are coded against 2^-126 instead of
+    # amax / qmax, to within half an E4M3 step of x / 2^-126 (2^-136 absolute below 2^-132), and
+    # decode (codes * scale in the scale's dtype, as compressed-tensors computes it) rounds a
+    # product below 2^-126 onto that dtype's subnormal grid: in bf16 multiples of 2^-133, up to
+    # 2^-134 off, more than the E4M3 step itself.
+    # No scale rule can do better there, since the decoded value is a bf16 number (issue 14:
+    # x = 2.0468e-40 decodes to 2^-132, the nearest bf16 number; tests/test_properties.py).
     scale = torch.where(amax > 0, amax / torch.full_like(amax, qmax), torch.ones_like(amax))
     scale = scale.clamp(min=torch.finfo(torch.float32).tiny)
     stored = scale.to(dtype)
