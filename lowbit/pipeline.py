@@ -20,7 +20,7 @@ from . import distributed
 from .algorithms.gptq import gptq
 from .algorithms.kv_cache import kv_cache_scale
 from .attention import attention_modules, kv_hooks
-from .algorithms.rotation import online_input, rotate_input, rotate_weight
+from .algorithms.rotation import online_input, once_per_input, rotate_input, rotate_weight
 from .algorithms.rtn import rtn
 from .algorithms.sparsegpt import sparsegpt
 from .capture import capture_inputs, plan_batches, stack_batches
@@ -250,20 +250,6 @@ def _propagate(layer, targets, originals, act_quant, hidden, kwargs, report_batc
     return {n: (e.err / e.ref) ** 0.5 if e.ref > 0 else 0.0 for n, e in sums.items()}
 
 
-def _once_per_input(f):
-    """f, computed once per input tensor: the members of a fused set (q/k/v, gate/up) read the
-    very same tensor, and quantize-dequantizing it once instead of three times is most of the
-    cost of simulating static activations. The last input is held, so its identity cannot be
-    reused by another tensor while it is remembered."""
-    last: list = [None, None]
-
-    def once(x):
-        if last[0] is not x:
-            last[0], last[1] = x, f(x)
-        return last[1]
-    return once
-
-
 def _weight_error(original: torch.Tensor, dequantized: torch.Tensor, rows: int = 256) -> float:
     """||W - Q|| / ||W||: the report of a data-free run, which has no activations to compare.
     A block of rows at a time: whole-matrix float32 copies of a 13B MLP matrix are 0.28 GB each."""
@@ -299,7 +285,7 @@ def _replay(layer, prefix: str, stored: dict[str, torch.Tensor], scheme: Scheme,
                 scale = stored.get(f"{prefix}{n}.input_scale")
                 quant = activation_qdq(scheme.inputs, scale.to(device) if scale is not None else None)
             if quant is not None or scheme.rotation_block:
-                act_quant[n] = _once_per_input(online_input(scheme.rotation_block, quant))
+                act_quant[n] = once_per_input(online_input(scheme.rotation_block, quant))
     for name, _ in list(layer.named_parameters()):
         owner, _, leaf = name.rpartition(".")
         module = layer.get_submodule(owner) if owner else layer
@@ -473,7 +459,7 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
             if scheme.inputs is not None or rot:
                 scale = _input_scale(scheme, stats[s].amax, dtype) if static_inputs else None
                 quant = activation_qdq(scheme.inputs, scale) if scheme.inputs is not None else None
-                shared = _once_per_input(online_input(rot, quant))
+                shared = once_per_input(online_input(rot, quant))
                 for n in s:
                     act_quant[n], input_scales[n] = shared, scale
         check_fused(prefix, sets, quantized, input_scales)

@@ -132,3 +132,23 @@ def test_gptq_on_a_stacked_fused_set_equals_gptq_per_member(name):
         part = both.rows(lo, hi)
         assert torch.equal(part.codes, q.codes) and torch.equal(part.scale, q.scale)
         assert torch.equal(part.dequantize(), q.dequantize())
+
+
+def test_absmax_is_the_largest_magnitude_per_channel_and_overall():
+    from lowbit.stats import AbsMax
+
+    g = torch.Generator().manual_seed(3)
+    xs = [torch.randn(2, 5, 7, generator=g) * torch.linspace(0.1, 9, 7) for _ in range(3)]
+    xs[1][0, 2, 4] = -50.0  # a negative extreme must count by its magnitude
+    per, whole = AbsMax(per_channel=True), AbsMax()
+    for x in xs:
+        per.update(x.to(torch.bfloat16))
+        whole.update(x)
+    ref = torch.cat([x.double().reshape(-1, 7) for x in xs]).abs()
+    assert torch.equal(per.value.double(), torch.cat([x.to(torch.bfloat16).double().reshape(-1, 7)
+                                                      for x in xs]).abs().amax(0))
+    assert whole.value.item() == ref.max().item() == 50.0
+    bad = xs[0].clone()
+    bad[0, 0, 3] = float("nan")
+    per.update(bad)
+    assert per.value[3].isnan() and not per.value[2].isnan()

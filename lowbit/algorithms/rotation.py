@@ -62,3 +62,17 @@ def online_input(rot: int | None, quant=None):
     if quant is None:
         return lambda x: rotate_input(x, rot)
     return lambda x: quant(rotate_input(x, rot))
+
+
+def once_per_input(f):
+    """f, computed once per input tensor: the members of a fused set (q/k/v, gate/up) read the
+    very same tensor, and quantize-dequantizing it once instead of three times is most of the
+    cost of simulating static activations. The last input is held, so its identity cannot be
+    reused by another tensor while it is remembered."""
+    last: list = [None, None]
+
+    def once(x):
+        if last[0] is not x:
+            last[0], last[1] = x, f(x)
+        return last[1]
+    return once

@@ -166,7 +166,8 @@ class ScaleGrid:
         return _by_rows(self._fit_rows, block)
 
     def _fit_rows(self, block: torch.Tensor) -> QParams:
-        amax = block.abs().amax(dim=-1, keepdim=True)
+        lo, hi = torch.aminmax(block, dim=-1, keepdim=True)  # one pass; |block| would be a copy
+        amax = torch.maximum(hi, -lo)
         _check_finite(amax)  # NaN and Inf propagate into the maximum: one check per row, not per value
         return best_per_row(self, block, [_scale_from_amax(amax * p, self.qmax, self.scale_dtype)
                                           for p in self.shrink])

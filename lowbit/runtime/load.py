@@ -15,7 +15,7 @@ from torch import nn
 from ..attention import attention_modules, install_kv_hooks
 from ..checkpoint import Checkpoint
 from ..errors import LowbitError
-from ..algorithms.rotation import online_input
+from ..algorithms.rotation import once_per_input, online_input
 from ..formats.grid import Quantized, activation_qdq, grid_for
 from ..formats.pack import unpack_fp4, unpack_int32
 from ..schemes import QuantSpec
@@ -128,6 +128,7 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
         raise LowbitError(f"{path} uses {qcfg.get('quant_method')!r}; lowbit runs compressed-tensors checkpoints")
     model = ckpt.skeleton(dtype)
     tied = getattr(model.config, "tie_word_embeddings", False) and "lm_head.weight" not in ckpt.files
+    shared: dict[tuple, object] = {}
     for name, module in model.named_modules():
         group = _scheme_for(name, module, qcfg) if qcfg else None
         for pname, _ in list(module.named_parameters(recurse=False)):
@@ -139,16 +140,20 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
                 module.weight = nn.Parameter(q.dequantize().to(dtype), requires_grad=False)
             else:
                 ckpt.materialize_param(module, pname, full, dtype)
-        quant = None
+        spec, scale = None, None
         if group is not None and group.get("input_activations"):
             spec = spec_from_args(group["input_activations"])
             stored = "input_global_scale" if spec.format == "nvfp4" else "input_scale"
             scale = None if spec.dynamic else ckpt.tensor(f"{name}.{stored}")
-            quant = activation_qdq(spec, scale)
         rot = _rotation_block(name, module, qcfg) if qcfg else None
-        f = online_input(rot, quant)
-        if f is not None:
-            module.register_forward_pre_hook(lambda m, a, f=f: (f(a[0]),))
+        if spec is None and rot is None:
+            continue
+        # Linears that read one tensor (q/k/v, gate/up) with the same input quantization share
+        # one memo, so that tensor is rotated and quantized once, not once per Linear
+        key = (spec, rot, None if scale is None else tuple(scale.flatten().tolist()))
+        if key not in shared:
+            shared[key] = once_per_input(online_input(rot, activation_qdq(spec, scale) if spec else None))
+        module.register_forward_pre_hook(lambda m, a, f=shared[key]: (f(a[0]),))
     if tied:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     if qcfg and qcfg.get("kv_cache_scheme"):
