@@ -402,8 +402,8 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
             sets = layout.sets
         if i < start:
             if not data_free:  # a data-free run has no activations to carry forward
-                _replay(layer, prefix, writer.stored(prefix), scheme, hidden, kwargs[i], dtype, compute, device,
-                        quantize_inputs=not single)
+                _replay(layer, prefix, writer.stored(prefix), scheme, hidden, kwargs[i], dtype, compute,
+                        device, quantize_inputs=not single)
             layer.to("meta")
             continue
         targets = {n: m for n, m in linears(layer).items() if not is_ignored(prefix + n, scheme.ignore)}
