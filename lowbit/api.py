@@ -112,7 +112,8 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
                        "the report gives each Linear's relative weight error")
     for n in notices if distributed.is_main() else ():
         log.warning(n)
-    _check_seq_len(ckpt, seq_len)
+    if not data_free:  # a data-free run reads no samples: their length cannot be wrong
+        _check_seq_len(ckpt, seq_len)
     batches, source, dropped = [], None, 0
     if not data_free:
         tokenizer = ckpt.tokenizer()
