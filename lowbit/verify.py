@@ -40,7 +40,7 @@ FLOOR_MEAN_LIMIT = 1e-3
 FLOOR_TOP1_LIMIT = 0.99
 
 
-def vllm_python(explicit: str | None = None) -> str:
+def find_vllm_python(explicit: str | None = None) -> str:
     """The Python that runs vLLM: --vllm-python, else $LOWBIT_VLLM_PYTHON, else this one when it
     can import vllm."""
     chosen = explicit or os.environ.get(VLLM_PYTHON_ENV)
@@ -129,3 +129,56 @@ def _source_of(path: Path) -> Path | None:
         if (source / "config.json").is_file():
             return source
     return None
+
+
+def _scheme_name(path: Path) -> str:
+    report = Path(path) / "lowbit_report.json"
+    if report.is_file():
+        r = json.loads(report.read_text())
+        return r.get("scheme", "?") + (" + FP8 KV cache" if r.get("kv_cache") else "")
+    return "unquantized" if not _quantized(path) else "compressed-tensors (not written by lowbit)"
+
+
+def verify(model: str | Path, baseline: str | Path | None = None, *, prompts: int = 4,
+           seq_len: int = 128, dataset: str = "sharegpt", vllm_python: str | None = None,
+           floor: dict | None = None) -> dict:
+    """Run `model` in vLLM and in lowbit's runtime on held-out prompts and compare (see the module
+    docstring). `floor`: a noise floor measured earlier on the same prompts (the "floor" of a
+    previous result), so a caller verifying many checkpoints starts vLLM on the baseline once."""
+    model = Path(model)
+    for p in (model, baseline):
+        if p is not None and not (Path(p) / "config.json").is_file():
+            raise LowbitError(f"model {p} has no config.json (not a checkpoint directory)")
+    quantized = _quantized(model)
+    if quantized and baseline is None and floor is None:
+        baseline = _source_of(model)
+        if baseline is None:
+            raise LowbitError(f"{model} is quantized: pass --baseline with the unquantized model "
+                              "(the noise floor is measured on it)")
+    if baseline is not None and _quantized(Path(baseline)):
+        raise LowbitError(f"--baseline {baseline} is quantized: the noise floor needs the unquantized model")
+    python = find_vllm_python(vllm_python)
+    windows = data.eval_windows(load_tokenizer(model), dataset, windows=prompts, seq_len=seq_len)
+    ids = [w.tolist() for w in windows]
+    models = [model] + ([Path(baseline)] if quantized and floor is None else [])
+    probe = run_vllm(python, models, ids)
+    result = {"model": str(model), "scheme": _scheme_name(model), "vllm": probe["vllm"],
+              "isa": probe["isa"], "prompts": len(ids), "seq_len": seq_len,
+              "baseline": str(baseline) if baseline else None, "floor": floor, "measured": None,
+              "vllm_schemes": sorted(set(probe["results"][0]["schemes"].values()) - {None}),
+              "explanation": [], "rule": None}
+    if quantized and floor is None:
+        base = probe["results"][1]
+        if "error" in base:
+            raise LowbitError(f"vLLM could not run the baseline {baseline}: {base['error']['message']}")
+        result["floor"] = disagreement(base["positions"], reference(Path(baseline), ids))
+    run = probe["results"][0]
+    if "error" in run:
+        from .vllm_limits import explain
+
+        result["status"], result["explanation"] = explain(run, result["scheme"], probe["isa"])
+        return result
+    result["measured"] = disagreement(run["positions"], reference(model, ids))
+    ok, result["rule"] = verdict(result["measured"], result["floor"] if quantized else None)
+    result["status"] = "PASS" if ok else "FAIL"
+    return result
