@@ -96,7 +96,9 @@ def _print_verify(r: dict) -> None:
     print(f"vLLM {r['vllm']} ({r['isa']}) vs lowbit runtime, float32, {r['prompts']} held-out "
           f"prompts of {r['seq_len']} tokens, teacher-forced")
     print(f"{r['model']}: {r['scheme']}")
-    for name, m in (("checkpoint", r.get("measured")), ("noise floor", r.get("floor"))):
+    for name, m in (("vLLM vs lowbit", r.get("measured")),
+                    ("floor, unquantized (vLLM vs transformers)", r.get("floor")),
+                    ("floor, rounding (lowbit float32 vs float64)", r.get("sensitivity"))):
         if m is None:
             continue
         print(f"{name}: mean |dlogp| {m['mean_abs_dlogp']:.2e}, max {m['max_abs_dlogp']:.2e}, "
@@ -225,7 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--baseline", help="the unquantized model, for the noise floor (default: the "
                    "source recorded in MODEL/lowbit_report.json)")
     v.add_argument("--prompts", type=_positive, default=4, help="held-out prompts (default: 4)")
-    v.add_argument("--seq-len", type=_positive, default=128, help="tokens per prompt (default: 128)")
+    v.add_argument("--seq-len", type=_positive, default=64, help="tokens per prompt (default: 64)")
     v.add_argument("--vllm-python", metavar="PY", help="a Python that imports vllm (default: "
                    "$LOWBIT_VLLM_PYTHON, else this one)")
     v.add_argument("--json", metavar="FILE", help="also write the report as JSON")

