@@ -106,6 +106,10 @@ def _print_verify(r: dict) -> None:
         for i, p in enumerate(m["prompts"]):
             print(f"  prompt {i}: mean {p['mean_abs_dlogp']:.2e}, max {p['max_abs_dlogp']:.2e}, "
                   f"top-1 {p['top1']:.2%}")
+    if r.get("linears"):
+        m = r["linears"]
+        print(f"each Linear alone on vLLM's input: worst relative error {m['max_rel_error']:.2e} "
+              f"({m['worst']}) over {m['linears']} Linears")
     for line in r["explanation"]:
         print(line)
     print(f"{r['status']}" + (f" ({r['rule']})" if r.get("rule") else ""))

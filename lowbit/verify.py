@@ -39,6 +39,9 @@ FACTOR = 2.0
 TOP1_ALLOWANCE = 0.05  # fraction of positions, under the floors' lower top-1 agreement
 # the floor itself: two float32 implementations of one unquantized model must agree this well
 FLOOR_MEAN_LIMIT = 1e-3
+# one Linear on identical inputs: float32 accumulation order (~1e-7 measured), and an occasional
+# activation code flipped by vLLM's x * (1/scale) against lowbit's x / scale
+LINEAR_LIMIT = 1e-4
 FLOOR_TOP1_LIMIT = 0.99
 
 
@@ -61,12 +64,14 @@ def _vllm_importable() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def run_vllm(python: str, models: list[Path], prompts: list[list[int]]) -> dict:
-    """vllm_probe.py's result for `models` (one vLLM process, the models one after another)."""
+def run_vllm(python: str, models: list[Path], prompts: list[list[int]]) -> tuple[dict, dict]:
+    """vllm_probe.py's result for `models` (one vLLM process, the models one after another), and
+    the inputs and outputs vLLM's decoder Linears saw for the first model."""
     with tempfile.TemporaryDirectory(prefix="lowbit-vllm-") as tmp:
-        request, result, log = (Path(tmp) / n for n in ("request.json", "result.json", "vllm.log"))
+        request, result, log, linears = (Path(tmp) / n for n in (
+            "request.json", "result.json", "vllm.log", "linears.pt"))
         request.write_text(json.dumps({"models": [str(Path(m).resolve()) for m in models],
-                                       "prompts": prompts}))
+                                       "prompts": prompts, "linears": str(linears)}))
         with open(log, "w") as out:
             rc = subprocess.run([python, str(PROBE), str(request), str(result)], stdout=out,
                                 stderr=subprocess.STDOUT, cwd=tmp).returncode
@@ -74,23 +79,48 @@ def run_vllm(python: str, models: list[Path], prompts: list[list[int]]) -> dict:
             tail = log.read_text(errors="replace").strip().splitlines()[-15:]
             raise LowbitError(f"vLLM ({python}) exited with status {rc} before reporting: "
                               + " | ".join(tail))
-        return json.loads(result.read_text())
+        recorded = torch.load(linears) if linears.is_file() else {"linears": {}, "packed": {}}
+        return json.loads(result.read_text()), recorded
+
+
+def _runtime(path: Path, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    from .api import load
+
+    return load(path, dtype=dtype)
 
 
 @torch.no_grad()
-def reference(path: Path, prompts: list[list[int]], dtype: torch.dtype = torch.float32) -> list[list]:
+def reference(model: torch.nn.Module, prompts: list[list[int]]) -> list[list]:
     """lowbit's runtime: per prompt, per predicted position, (log p of the reference token,
     top-1 id)."""
-    from .api import load
-
-    model = load(path, dtype=dtype)
     rows = []
     for ids in prompts:
         logp = F.log_softmax(model(input_ids=torch.tensor([ids])).logits[0, :-1].float(), dim=-1)
         target = torch.tensor(ids[1:])
         rows.append(list(zip(logp.gather(1, target[:, None])[:, 0].tolist(), logp.argmax(-1).tolist())))
-    del model
     return rows
+
+
+@torch.no_grad()
+def linear_agreement(model: torch.nn.Module, recorded: dict) -> dict | None:
+    """Each decoder Linear alone: lowbit's (activation quantization included) on the input vLLM's
+    saw, against vLLM's output; relative error ||ours - vLLM|| / ||vLLM||, worst first. Unlike the
+    log-probs this does not compound through the layers, so it separates an op that computes
+    something else from rounding flips amplified downstream. vLLM's fused qkv_proj / gate_up_proj
+    are compared with lowbit's q/k/v (gate/up) outputs concatenated."""
+    modules = dict(model.named_modules())
+    errors = []
+    for name, (x, y) in recorded["linears"].items():
+        parent, leaf = name.rsplit(".", 1)
+        parts = [f"{parent}.{p}" for p in recorded["packed"].get(leaf, [leaf])]
+        if not all(p in modules for p in parts):
+            continue  # a vLLM layer with no lowbit counterpart of that name
+        ours = torch.cat([modules[p](x) for p in parts], dim=-1).double()
+        errors.append((((ours - y.double()).norm() / y.double().norm().clamp(min=1e-30)).item(), name))
+    if not errors:
+        return None
+    worst = max(errors)
+    return {"linears": len(errors), "max_rel_error": worst[0], "worst": worst[1]}
 
 
 def disagreement(vllm_rows: list[list], ref_rows: list[list]) -> dict:
@@ -107,9 +137,14 @@ def disagreement(vllm_rows: list[list], ref_rows: list[list]) -> dict:
             "max_abs_dlogp": max(deltas), "top1": agree / len(deltas), "prompts": per_prompt}
 
 
-def verdict(measured: dict, floors: list[dict]) -> tuple[bool, str]:
-    """PASS/FAIL and the rule applied: within FACTOR of the largest floor per metric, or (no
-    floors: the unquantized model is its own floor) within the float32 limits."""
+def verdict(measured: dict, floors: list[dict], linears: dict | None = None) -> tuple[bool, str]:
+    """PASS/FAIL and the rule applied: every Linear alone within LINEAR_LIMIT of lowbit's, and the
+    log-probs within FACTOR of the largest floor per metric, or (no floors: the unquantized model
+    is its own floor) within the float32 limits."""
+    if linears is None or linears["max_rel_error"] > LINEAR_LIMIT:
+        worst = "no Linear recorded" if linears is None else \
+            f"{linears['worst']} differs by {linears['max_rel_error']:.2e} relative"
+        return False, f"every Linear within {LINEAR_LIMIT:g} relative of lowbit's: {worst}"
     if not floors:
         ok = measured["mean_abs_dlogp"] <= FLOOR_MEAN_LIMIT and measured["top1"] >= FLOOR_TOP1_LIMIT
         return ok, (f"float32 limits: mean |dlogp| <= {FLOOR_MEAN_LIMIT:g}, "
@@ -167,29 +202,32 @@ def verify(model: str | Path, baseline: str | Path | None = None, *, prompts: in
     windows = data.eval_windows(load_tokenizer(model), dataset, windows=prompts, seq_len=seq_len)
     ids = [w.tolist() for w in windows]
     models = [model] + ([Path(baseline)] if quantized and floor is None else [])
-    probe = run_vllm(python, models, ids)
+    probe, recorded = run_vllm(python, models, ids)
     result = {"model": str(model), "scheme": _scheme_name(model), "vllm": probe["vllm"],
               "isa": probe["isa"], "prompts": len(ids), "seq_len": seq_len,
-              "baseline": str(baseline) if baseline else None, "floor": floor, "sensitivity": None, "measured": None,
+              "baseline": str(baseline) if baseline else None, "floor": floor, "sensitivity": None, "measured": None, "linears": None,
               "vllm_schemes": sorted(set(probe["results"][0]["schemes"].values()) - {None}),
               "explanation": [], "rule": None}
     if quantized and floor is None:
         base = probe["results"][1]
         if "error" in base:
             raise LowbitError(f"vLLM could not run the baseline {baseline}: {base['error']['message']}")
-        result["floor"] = disagreement(base["positions"], reference(Path(baseline), ids))
+        result["floor"] = disagreement(base["positions"], reference(_runtime(Path(baseline)), ids))
     run = probe["results"][0]
     if "error" in run:
         from .vllm_limits import explain
 
         result["status"], result["explanation"] = explain(run, result["scheme"], probe["isa"])
         return result
-    ours = reference(model, ids)
+    runtime = _runtime(model)
+    ours = reference(runtime, ids)
     result["measured"] = disagreement(run["positions"], ours)
+    result["linears"] = linear_agreement(runtime, recorded)
+    del runtime
     floors = []
     if quantized:
-        result["sensitivity"] = disagreement(ours, reference(model, ids, torch.float64))
+        result["sensitivity"] = disagreement(ours, reference(_runtime(model, torch.float64), ids))
         floors = [result["floor"], result["sensitivity"]]
-    ok, result["rule"] = verdict(result["measured"], floors)
+    ok, result["rule"] = verdict(result["measured"], floors, result["linears"])
     result["status"] = "PASS" if ok else "FAIL"
     return result

@@ -5,10 +5,12 @@ imports only vLLM and the standard library, so that Python needs neither lowbit 
 
     python vllm_probe.py REQUEST.json RESULT.json
 
-REQUEST: {"models": [dir, ...], "prompts": [[token ids], ...]}. RESULT, per model: either
+REQUEST: {"models": [dir, ...], "prompts": [[token ids], ...], "linears": FILE}. RESULT, per
+model: either
 "positions" (per prompt, per predicted position: log p of the reference token and vLLM's own
 top-1 id) or "error" (where it stopped: the stage, the layer, the exception's last line), and
-"schemes" (which vLLM scheme class its compressed-tensors parser picked for each layer).
+"schemes" (which vLLM scheme class its compressed-tensors parser picked for each layer). With
+"linears", the first model's decoder Linears' inputs and outputs go to FILE (torch.save).
 """
 
 from __future__ import annotations
@@ -78,7 +80,35 @@ def _where(exc: BaseException) -> dict:
             "traceback": "".join(traceback.format_exception(exc))[-6000:]}
 
 
-def _run(model: str, prompts: list[list[int]], schemes: dict) -> dict:
+LINEAR_ROWS = 64  # token rows kept per Linear: enough to compare, small enough to write
+
+
+def _record_linears(model) -> None:
+    """Forward hooks on every Linear of the decoder layers keeping its first LINEAR_ROWS input
+    and output rows, so each can be checked alone against lowbit's on the same input."""
+    from vllm.model_executor.layers.linear import LinearBase
+
+    store = model._lowbit_linears = {}
+
+    def hook(name):
+        def keep(module, args, out):
+            if name not in store:
+                out = out[0] if isinstance(out, tuple) else out
+                store[name] = (args[0][:LINEAR_ROWS].detach().float().clone(),
+                               out[:LINEAR_ROWS].detach().float().clone())
+        return keep
+
+    for name, module in model.named_modules():
+        if isinstance(module, LinearBase) and ".layers." in name:
+            module.register_forward_hook(hook(name))
+
+
+def _recorded(model) -> dict:
+    return {"linears": model._lowbit_linears,
+            "packed": {k: list(v) for k, v in getattr(model, "packed_modules_mapping", {}).items()}}
+
+
+def _run(model: str, prompts: list[list[int]], schemes: dict, linears_file: str | None) -> dict:
     from vllm import LLM, SamplingParams
 
     schemes.clear()
@@ -88,10 +118,16 @@ def _run(model: str, prompts: list[list[int]], schemes: dict) -> dict:
     except Exception as e:  # noqa: BLE001 - vLLM raises anything; the caller classifies it
         return {"model": model, "schemes": dict(schemes), "error": _where(e)}
     params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=1)
+    if linears_file:
+        llm.apply_model(_record_linears)
     try:
         outs = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
     except Exception as e:  # noqa: BLE001
         return {"model": model, "schemes": dict(schemes), "error": _where(e)}
+    if linears_file:
+        import torch
+
+        torch.save(llm.apply_model(_recorded)[0], linears_file)
     positions = []
     for prompt, out in zip(prompts, outs):
         rows = []
@@ -116,7 +152,9 @@ def main(request_path: str, result_path: str) -> None:
     request = json.loads(open(request_path).read())
     schemes: dict = {}
     _record_schemes(schemes)
-    results = [_run(m, request["prompts"], schemes) for m in request["models"]]
+    # Linear inputs/outputs of the first model only (the one being verified)
+    results = [_run(m, request["prompts"], schemes, request.get("linears") if i == 0 else None)
+               for i, m in enumerate(request["models"])]
     with open(result_path, "w") as f:
         json.dump({"vllm": vllm.__version__, "isa": f"{SIMULATED_ISA.upper()}, simulated" if SIMULATED_ISA
                    else torch.backends.cpu.get_cpu_capability(),

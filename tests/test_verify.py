@@ -7,6 +7,7 @@ import importlib.util
 import json
 
 import pytest
+import torch
 
 import lowbit
 from lowbit import cli, verify as v
@@ -25,11 +26,37 @@ def test_verdict_fails_beyond_the_larger_floor_and_passes_within():
     floor = {"mean_abs_dlogp": 1e-5, "max_abs_dlogp": 1e-4, "top1": 1.0}
     rounding = {"mean_abs_dlogp": 0.1, "max_abs_dlogp": 1.0, "top1": 0.9}
     within = {"mean_abs_dlogp": 0.15, "max_abs_dlogp": 1.5, "top1": 0.9}
-    assert v.verdict(within, [floor, rounding])[0]
-    assert not v.verdict(within, [floor])[0]  # the unquantized floor alone is far tighter
-    assert not v.verdict(dict(within, top1=0.8), [floor, rounding])[0]
-    assert v.verdict({"mean_abs_dlogp": 5e-6, "max_abs_dlogp": 1e-4, "top1": 1.0}, [])[0]
-    assert not v.verdict({"mean_abs_dlogp": 0.01, "max_abs_dlogp": 0.1, "top1": 1.0}, [])[0]
+    ops = {"linears": 210, "max_rel_error": 3e-7, "worst": "model.layers.4.mlp.down_proj"}
+    assert v.verdict(within, [floor, rounding], ops)[0]
+    assert not v.verdict(within, [floor], ops)[0]  # the unquantized floor alone is far tighter
+    assert not v.verdict(dict(within, top1=0.8), [floor, rounding], ops)[0]
+    assert v.verdict({"mean_abs_dlogp": 5e-6, "max_abs_dlogp": 1e-4, "top1": 1.0}, [], ops)[0]
+    assert not v.verdict({"mean_abs_dlogp": 0.01, "max_abs_dlogp": 0.1, "top1": 1.0}, [], ops)[0]
+
+
+def test_one_linear_computing_something_else_fails_even_when_log_probs_look_fine():
+    # the log-probs of an activation-quantized model cannot tell (their rounding floor is tenths
+    # of a nat), so every Linear is also checked alone on vLLM's own input
+    fine = {"mean_abs_dlogp": 0.0, "max_abs_dlogp": 0.0, "top1": 1.0}
+    off = {"linears": 210, "max_rel_error": 1e-2, "worst": "model.layers.0.self_attn.qkv_proj"}
+    ok, rule = v.verdict(fine, [fine], off)
+    assert not ok and "qkv_proj" in rule
+    assert not v.verdict(fine, [fine], None)[0]
+
+
+def test_linear_agreement_compares_fused_vllm_layers_with_the_concatenated_parts():
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.q, model.k = torch.nn.Linear(8, 4, bias=False), torch.nn.Linear(8, 2, bias=False)
+    x = torch.randn(3, 8)
+    y = torch.cat([model.q(x), model.k(x)], -1).detach()
+    recorded = {"packed": {"qk": ["q", "k"]}, "linears": {"model.qk": (x, y)}}
+    wrapper = torch.nn.Module()
+    wrapper.model = model
+    assert v.linear_agreement(wrapper, recorded)["max_rel_error"] < 1e-6
+    y[0, 5] += 1.0  # one output of the second part
+    r = v.linear_agreement(wrapper, recorded)
+    assert r["max_rel_error"] > 1e-2 and r["worst"] == "model.qk" and r["linears"] == 1
 
 
 def test_without_vllm_verify_says_how_to_get_it(tiny_dir, monkeypatch, capsys):
@@ -79,9 +106,12 @@ def test_an_unknown_vllm_failure_is_not_dressed_up_as_a_known_one():
 needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
                                 reason="vllm is not importable here: run `make test-vllm`")
 
-# scheme, extra quantize options; on AVX2 vLLM has kernels for the first two only
-CASES = [("FP8_DYNAMIC", {}), ("W8A8_INT8", {}), ("W4A16", {}), ("W4A16_ASYM", {}),
-         ("W8A8_INT8", {"kv_cache": "fp8"})]
+# scheme, extra quantize options; on AVX2 vLLM has kernels for the first two only. A fixed
+# SmoothQuant strength still exercises smoothed norms in vLLM, without auto's per-layer search
+# (minutes on 2 cores)
+INT8 = {"smoothquant": "0.5"}
+CASES = [("FP8_DYNAMIC", {}), ("W8A8_INT8", INT8), ("W4A16", {}), ("W4A16_ASYM", {}),
+         ("W8A8_INT8", {**INT8, "kv_cache": "fp8"})]
 
 
 @pytest.fixture(scope="module")
@@ -111,13 +141,14 @@ def _report(r):
 
 @needs_vllm
 @pytest.mark.vllm
-@pytest.mark.parametrize("scheme,options", CASES, ids=[s + ("-kv-fp8" if o else "") for s, o in CASES])
+@pytest.mark.parametrize("scheme,options", CASES, ids=[s + ("-kv-fp8" if "kv_cache" in o else "") for s, o in CASES])
 def test_vllm_computes_what_lowbit_computes(scheme, options, floor, smollm2_dir, tmp_path_factory):
     out = _quantized(smollm2_dir, tmp_path_factory, scheme, options)
     r = v.verify(out, prompts=PROMPTS, seq_len=SEQ_LEN, floor=floor["measured"])
     _report(r)
     if r["status"] == "NO_KERNEL":
-        pytest.skip(f"{scheme}{' + FP8 KV cache' if options else ''}: " + " ".join(r["explanation"][2:4]))
+        pytest.skip(f"{scheme}{' + FP8 KV cache' if 'kv_cache' in options else ''}: "
+                    + " ".join(r["explanation"][2:4]))
     assert r["status"] == "PASS", r["explanation"] or r["rule"]
 
 
