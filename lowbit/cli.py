@@ -93,12 +93,12 @@ def _cmd_eval(a: argparse.Namespace) -> None:
 
 
 def _print_verify(r: dict) -> None:
-    print(f"vLLM {r['vllm']} ({r['isa']}) vs lowbit runtime, float32, {r['prompts']} held-out "
+    print(f"vLLM {r['vllm']} ({r['isa']}) vs lowbit runtime, {r['dtype']}, {r['prompts']} held-out "
           f"prompts of {r['seq_len']} tokens, teacher-forced")
     print(f"{r['model']}: {r['scheme']}")
     for name, m in (("vLLM vs lowbit", r.get("measured")),
                     ("floor, unquantized (vLLM vs transformers)", r.get("floor")),
-                    ("floor, rounding (lowbit float32 vs float64)", r.get("sensitivity"))):
+                    (f"floor, rounding (lowbit {r['dtype']} vs float64)", r.get("sensitivity"))):
         if m is None:
             continue
         print(f"{name}: mean |dlogp| {m['mean_abs_dlogp']:.2e}, max {m['max_abs_dlogp']:.2e}, "
@@ -119,7 +119,7 @@ def _cmd_verify(a: argparse.Namespace) -> int:
     from .verify import verify
 
     r = verify(a.model, a.baseline, prompts=a.prompts, seq_len=a.seq_len,
-                   vllm_python=a.vllm_python)
+                   vllm_python=a.vllm_python, dtype=a.dtype)
     _print_verify(r)
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "source recorded in MODEL/lowbit_report.json)")
     v.add_argument("--prompts", type=_positive, default=4, help="held-out prompts (default: 4)")
     v.add_argument("--seq-len", type=_positive, default=64, help="tokens per prompt (default: 64)")
+    v.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="what both run in (default: float32; vLLM's CPU INT4/INT8 weight-only "
+                   "kernel has no float32 path, so W4A16/W8A16 need bfloat16)")
     v.add_argument("--vllm-python", metavar="PY", help="a Python that imports vllm (default: "
                    "$LOWBIT_VLLM_PYTHON, else this one)")
     v.add_argument("--json", metavar="FILE", help="also write the report as JSON")

@@ -40,8 +40,10 @@ TOP1_ALLOWANCE = 0.05  # fraction of positions, under the floors' lower top-1 ag
 # the floor itself: two float32 implementations of one unquantized model must agree this well
 FLOOR_MEAN_LIMIT = 1e-3
 # one Linear on identical inputs: float32 accumulation order (~1e-7 measured), and an occasional
-# activation code flipped by vLLM's x * (1/scale) against lowbit's x / scale
-LINEAR_LIMIT = 1e-4
+# activation code flipped by vLLM's x * (1/scale) against lowbit's x / scale; in bfloat16 the
+# output's own rounding (2^-9 relative) and bf16 partial sums
+LINEAR_LIMIT = {"float32": 1e-4, "bfloat16": 1e-2}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 FLOOR_TOP1_LIMIT = 0.99
 
 
@@ -64,14 +66,16 @@ def _vllm_importable() -> bool:
     return importlib.util.find_spec("vllm") is not None
 
 
-def run_vllm(python: str, models: list[Path], prompts: list[list[int]]) -> tuple[dict, dict]:
+def run_vllm(python: str, models: list[Path], prompts: list[list[int]],
+             dtype: str = "float32") -> tuple[dict, dict]:
     """vllm_probe.py's result for `models` (one vLLM process, the models one after another), and
     the inputs and outputs vLLM's decoder Linears saw for the first model."""
     with tempfile.TemporaryDirectory(prefix="lowbit-vllm-") as tmp:
         request, result, log, linears = (Path(tmp) / n for n in (
             "request.json", "result.json", "vllm.log", "linears.pt"))
         request.write_text(json.dumps({"models": [str(Path(m).resolve()) for m in models],
-                                       "prompts": prompts, "linears": str(linears)}))
+                                       "prompts": prompts, "linears": str(linears),
+                                       "dtype": dtype}))
         with open(log, "w") as out:
             rc = subprocess.run([python, str(PROBE), str(request), str(result)], stdout=out,
                                 stderr=subprocess.STDOUT, cwd=tmp).returncode
@@ -115,7 +119,8 @@ def linear_agreement(model: torch.nn.Module, recorded: dict) -> dict | None:
         parts = [f"{parent}.{p}" for p in recorded["packed"].get(leaf, [leaf])]
         if not all(p in modules for p in parts):
             continue  # a vLLM layer with no lowbit counterpart of that name
-        ours = torch.cat([modules[p](x) for p in parts], dim=-1).double()
+        dtype = modules[parts[0]].weight.dtype
+        ours = torch.cat([modules[p](x.to(dtype)) for p in parts], dim=-1).double()
         errors.append((((ours - y.double()).norm() / y.double().norm().clamp(min=1e-30)).item(), name))
     if not errors:
         return None
@@ -137,14 +142,17 @@ def disagreement(vllm_rows: list[list], ref_rows: list[list]) -> dict:
             "max_abs_dlogp": max(deltas), "top1": agree / len(deltas), "prompts": per_prompt}
 
 
-def verdict(measured: dict, floors: list[dict], linears: dict | None = None) -> tuple[bool, str]:
+def verdict(measured: dict, floors: list[dict], linears: dict | None = None,
+            dtype: str = "float32") -> tuple[bool, str]:
     """PASS/FAIL and the rule applied: every Linear alone within LINEAR_LIMIT of lowbit's, and the
     log-probs within FACTOR of the largest floor per metric, or (no floors: the unquantized model
     is its own floor) within the float32 limits."""
-    if linears is None or linears["max_rel_error"] > LINEAR_LIMIT:
+    if linears is None or linears["max_rel_error"] > LINEAR_LIMIT[dtype]:
         worst = "no Linear recorded" if linears is None else \
             f"{linears['worst']} differs by {linears['max_rel_error']:.2e} relative"
-        return False, f"every Linear within {LINEAR_LIMIT:g} relative of lowbit's: {worst}"
+        return False, f"every Linear within {LINEAR_LIMIT[dtype]:g} relative of lowbit's: {worst}"
+    if not floors and dtype != "float32":
+        return True, "no floor in this dtype: pass --baseline to compare against one"
     if not floors:
         ok = measured["mean_abs_dlogp"] <= FLOOR_MEAN_LIMIT and measured["top1"] >= FLOOR_TOP1_LIMIT
         return ok, (f"float32 limits: mean |dlogp| <= {FLOOR_MEAN_LIMIT:g}, "
@@ -182,7 +190,7 @@ def _scheme_name(path: Path) -> str:
 
 def verify(model: str | Path, baseline: str | Path | None = None, *, prompts: int = 4,
            seq_len: int = 64, dataset: str = "sharegpt", vllm_python: str | None = None,
-           floor: dict | None = None) -> dict:
+           floor: dict | None = None, dtype: str = "float32") -> dict:
     """Run `model` in vLLM and in lowbit's runtime on held-out prompts and compare (see the module
     docstring). `floor`: a noise floor measured earlier on the same prompts (the "floor" of a
     previous result), so a caller verifying many checkpoints starts vLLM on the baseline once."""
@@ -202,9 +210,11 @@ def verify(model: str | Path, baseline: str | Path | None = None, *, prompts: in
     windows = data.eval_windows(load_tokenizer(model), dataset, windows=prompts, seq_len=seq_len)
     ids = [w.tolist() for w in windows]
     models = [model] + ([Path(baseline)] if quantized and floor is None else [])
-    probe, recorded = run_vllm(python, models, ids)
+    if dtype not in DTYPES:
+        raise LowbitError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
+    probe, recorded = run_vllm(python, models, ids, dtype)
     result = {"model": str(model), "scheme": _scheme_name(model), "vllm": probe["vllm"],
-              "isa": probe["isa"], "prompts": len(ids), "seq_len": seq_len,
+              "isa": probe["isa"], "prompts": len(ids), "seq_len": seq_len, "dtype": dtype,
               "baseline": str(baseline) if baseline else None, "floor": floor, "sensitivity": None, "measured": None, "linears": None,
               "vllm_schemes": sorted(set(probe["results"][0]["schemes"].values()) - {None}),
               "explanation": [], "rule": None}
@@ -212,14 +222,14 @@ def verify(model: str | Path, baseline: str | Path | None = None, *, prompts: in
         base = probe["results"][1]
         if "error" in base:
             raise LowbitError(f"vLLM could not run the baseline {baseline}: {base['error']['message']}")
-        result["floor"] = disagreement(base["positions"], reference(_runtime(Path(baseline)), ids))
+        result["floor"] = disagreement(base["positions"], reference(_runtime(Path(baseline), DTYPES[dtype]), ids))
     run = probe["results"][0]
     if "error" in run:
         from .vllm_limits import explain
 
         result["status"], result["explanation"] = explain(run, result["scheme"], probe["isa"])
         return result
-    runtime = _runtime(model)
+    runtime = _runtime(model, DTYPES[dtype])
     ours = reference(runtime, ids)
     result["measured"] = disagreement(run["positions"], ours)
     result["linears"] = linear_agreement(runtime, recorded)
@@ -228,6 +238,6 @@ def verify(model: str | Path, baseline: str | Path | None = None, *, prompts: in
     if quantized:
         result["sensitivity"] = disagreement(ours, reference(_runtime(model, torch.float64), ids))
         floors = [result["floor"], result["sensitivity"]]
-    ok, result["rule"] = verdict(result["measured"], floors, result["linears"])
+    ok, result["rule"] = verdict(result["measured"], floors, result["linears"], dtype)
     result["status"] = "PASS" if ok else "FAIL"
     return result

@@ -14,6 +14,10 @@ KNOWN = [
      "utils/fp8_utils.py:1472 process_fp8_weight_tensor_strategy -> utils/w8a8_utils.py:103 "
      "requantize_with_max_scale -> _custom_ops.py:1889 scaled_fp8_quant -> "
      "torch.ops._C.static_scaled_fp8_quant, which the CPU extension declares without a kernel"),
+    ("NO_KERNEL", "\"cpu_gemm_wna16\" not implemented for 'Float'",
+     "no float32 kernel: vLLM's CPU INT4/INT8 weight-only GEMM (CPUWNA16LinearKernel -> "
+     "_C.cpu_gemm_wna16, kernels/linear/mixed_precision/cpu.py:198) is compiled for bfloat16 "
+     "and float16 activations only: verify with --dtype bfloat16"),
     ("NO_KERNEL", "cpu_gemm_wna16",
      "no kernel: vLLM's CPU INT4/INT8 weight-only GEMM (CPUWNA16LinearKernel -> "
      "_C.cpu_gemm_wna16, kernels/linear/mixed_precision/cpu.py:198) is built into the AVX-512 "

@@ -5,7 +5,8 @@ imports only vLLM and the standard library, so that Python needs neither lowbit 
 
     python vllm_probe.py REQUEST.json RESULT.json
 
-REQUEST: {"models": [dir, ...], "prompts": [[token ids], ...], "linears": FILE}. RESULT, per
+REQUEST: {"models": [dir, ...], "prompts": [[token ids], ...], "linears": FILE,
+"dtype": "float32"}. RESULT, per
 model: either
 "positions" (per prompt, per predicted position: log p of the reference token and vLLM's own
 top-1 id) or "error" (where it stopped: the stage, the layer, the exception's last line), and
@@ -26,6 +27,11 @@ import traceback
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")  # GiB; the default takes a large share of RAM
 os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")  # shared machines: no pinning
+# vLLM's default (envs.py:915) runs INT4 weight-only checkpoints as W4A8 on AMX CPUs in bf16,
+# quantizing activations the checkpoint keeps in 16 bits (kernels/linear/mixed_precision/cpu.py:170);
+# verify what the checkpoint declares (set VLLM_CPU_INT4_W4A8=1 to see vLLM's default: ~2 % per
+# Linear on SmolLM2 W4A16)
+os.environ.setdefault("VLLM_CPU_INT4_W4A8", "0")
 
 # LOWBIT_VLLM_ISA=avx2 makes vLLM see an AVX2-only CPU on an AVX-512 machine (which extension it
 # loads, which kernels it picks), to reproduce an AVX2 machine's results; torch's own kernels
@@ -108,12 +114,13 @@ def _recorded(model) -> dict:
             "packed": {k: list(v) for k, v in getattr(model, "packed_modules_mapping", {}).items()}}
 
 
-def _run(model: str, prompts: list[list[int]], schemes: dict, linears_file: str | None) -> dict:
+def _run(model: str, prompts: list[list[int]], schemes: dict, linears_file: str | None,
+         dtype: str) -> dict:
     from vllm import LLM, SamplingParams
 
     schemes.clear()
     try:
-        llm = LLM(model=model, dtype="float32", enforce_eager=True, max_model_len=1024,
+        llm = LLM(model=model, dtype=dtype, enforce_eager=True, max_model_len=1024,
                   generation_config="vllm", seed=0)
     except Exception as e:  # noqa: BLE001 - vLLM raises anything; the caller classifies it
         return {"model": model, "schemes": dict(schemes), "error": _where(e)}
@@ -153,8 +160,8 @@ def main(request_path: str, result_path: str) -> None:
     schemes: dict = {}
     _record_schemes(schemes)
     # Linear inputs/outputs of the first model only (the one being verified)
-    results = [_run(m, request["prompts"], schemes, request.get("linears") if i == 0 else None)
-               for i, m in enumerate(request["models"])]
+    results = [_run(m, request["prompts"], schemes, request.get("linears") if i == 0 else None,
+                    request.get("dtype", "float32")) for i, m in enumerate(request["models"])]
     with open(result_path, "w") as f:
         json.dump({"vllm": vllm.__version__, "isa": f"{SIMULATED_ISA.upper()}, simulated" if SIMULATED_ISA
                    else torch.backends.cpu.get_cpu_capability(),
