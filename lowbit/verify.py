@@ -1,11 +1,13 @@
 """Does vLLM compute what lowbit's runtime computes? Teacher-forced log-probs, side by side.
 
-Both run in float32 on the same held-out token windows (the eval split): vLLM through its
-`prompt_logprobs` (in a subprocess, `vllm_probe.py`), lowbit through `runtime.load`, which
-dequantizes exactly as stored and quantizes activations as vLLM's schemes do. Per prompt and
-overall: mean and max |Δ log p| of the reference tokens, and top-1 agreement. The noise floor
-is the same measurement on the unquantized baseline (vLLM float32 against transformers float32):
-what two correct float32 implementations of the model disagree by on these prompts.
+Both run in float32 (or bfloat16, for kernels without a float32 path) on the same held-out token
+windows (the eval split): vLLM through its `prompt_logprobs` (in a subprocess, `vllm_probe.py`),
+lowbit through `runtime.load`, which dequantizes exactly as stored and quantizes activations as
+vLLM's schemes do. Per prompt and overall: mean and max |Δ log p| of the reference tokens, and
+top-1 agreement. The noise floor is the same measurement on the unquantized baseline (vLLM
+against transformers): what two correct implementations of the model disagree by on these
+prompts; a second floor is the checkpoint's own sensitivity to rounding (see FACTOR). Every
+decoder Linear is also compared alone, on the input vLLM gave it.
 """
 
 from __future__ import annotations

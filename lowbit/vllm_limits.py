@@ -22,6 +22,12 @@ KNOWN = [
      "no kernel: vLLM's CPU INT4/INT8 weight-only GEMM (CPUWNA16LinearKernel -> "
      "_C.cpu_gemm_wna16, kernels/linear/mixed_precision/cpu.py:198) is built into the AVX-512 "
      "extensions only (_C, _C_AVX512), not _C_AVX2"),
+    ("VLLM_BUG", "int8_scaled_mm_with_quant: expect A to be bfloat16 or half",
+     "vLLM bug on AMX CPUs: CPUInt8ScaledMMLinearKernel.process_weights_after_loading "
+     "(kernels/linear/scaled_mm/cpu.py:50-56) picks the AMX kernel int8_scaled_mm_with_quant "
+     "by the weight's dtype (int8 passes check_cpu_sgl_kernel, layers/utils.py:439), but that "
+     "kernel takes bfloat16/float16 activations only, so a float32 model fails at its first "
+     "forward: verify with --dtype bfloat16"),
     ("NO_KERNEL", "FP8 KV cache on CPU requires",
      "no kernel: vLLM's CPU attention stores an FP8 KV cache only with AVX-512 or AMX "
      "(v1/attention/backends/cpu_attn.py:540 _get_attn_isa)"),
