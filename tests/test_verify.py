@@ -112,8 +112,9 @@ needs_vllm = pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
 # fixed SmoothQuant strength still exercises smoothed norms in vLLM, without auto's per-layer
 # search (minutes on 2 cores)
 INT8 = {"smoothquant": "0.5"}
+RTN = {"algorithm": "rtn"}  # the stored format is GPTQ's; its solve takes minutes on 2 shared cores
 CASES = [("FP8_DYNAMIC", {}, "float32"), ("W8A8_INT8", INT8, "float32"),
-         ("W4A16", {}, "bfloat16"), ("W4A16_ASYM", {}, "bfloat16"),
+         ("W4A16", RTN, "bfloat16"), ("W4A16_ASYM", RTN, "bfloat16"),
          ("W8A8_INT8", {**INT8, "kv_cache": "fp8"}, "float32")]
 
 
