@@ -14,6 +14,11 @@ KNOWN = [
      "utils/fp8_utils.py:1472 process_fp8_weight_tensor_strategy -> utils/w8a8_utils.py:103 "
      "requantize_with_max_scale -> _custom_ops.py:1889 scaled_fp8_quant -> "
      "torch.ops._C.static_scaled_fp8_quant, which the CPU extension declares without a kernel"),
+    ("VLLM_BUG", "narrow() cannot be applied to a 0-dim tensor",
+     "vLLM bug (CPU): per-channel FP8 weights with a static per-tensor input scale run through "
+     "ChannelWiseTorchFP8ScaledMMLinearKernel.apply_scaled_mm, which narrows the activation scale "
+     "per token (kernels/linear/scaled_mm/pytorch.py:259), but the static scale is 0-dim "
+     "(schemes/compressed_tensors_w8a8_fp8.py:187 input_scale.max())"),
     ("NO_KERNEL", "\"cpu_gemm_wna16\" not implemented for 'Float'",
      "no float32 kernel: vLLM's CPU INT4/INT8 weight-only GEMM (CPUWNA16LinearKernel -> "
      "_C.cpu_gemm_wna16, kernels/linear/mixed_precision/cpu.py:198) is compiled for bfloat16 "

@@ -141,7 +141,9 @@ def _run(model: str, prompts: list[list[int]], schemes: dict, linears_file: str 
         # entry i holds log p(prompt[i] | prompt[:i]); entry 0 is None (nothing predicts it)
         for i in range(1, len(prompt)):
             entry = out.prompt_logprobs[i]
-            top = min(entry.items(), key=lambda kv: kv[1].rank)
+            # vLLM's own top-1: the larger of the two log-probs it returns (not the `rank`
+            # field, whose value differed between its AVX2 and AVX-512 paths)
+            top = max(entry.items(), key=lambda kv: kv[1].logprob)
             rows.append([entry[prompt[i]].logprob, top[0]])
         positions.append(rows)
     del llm
