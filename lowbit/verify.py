@@ -26,12 +26,13 @@ import torch.nn.functional as F
 from . import data
 from .checkpoint import load_tokenizer
 from .errors import LowbitError
+from .vllm_limits import explain
 
 PROBE = Path(__file__).with_name("vllm_probe.py")
 VLLM_PYTHON_ENV = "LOWBIT_VLLM_PYTHON"
 # PASS: the checkpoint's disagreement with lowbit's runtime is at most FACTOR times the larger
-# of two floors, per metric: the unquantized model's (vLLM vs transformers, both float32), and
-# the checkpoint's own sensitivity to float32 rounding (lowbit's runtime in float32 vs float64).
+# of two floors, per metric: the unquantized model's (vLLM vs transformers, in the same dtype),
+# and the checkpoint's own sensitivity to rounding (lowbit's runtime in that dtype vs float64).
 # The second is needed because activation quantization is discontinuous: a last-bit difference
 # in a matmul input moves a value across an FP8/INT8 rounding boundary now and then, and on
 # SmolLM2 FP8_DYNAMIC a 1e-7 relative change of the embeddings alone moves log p by 0.2 nats
@@ -41,15 +42,15 @@ FACTOR = 2.0
 TOP1_ALLOWANCE = 0.05  # fraction of positions, under the floors' lower top-1 agreement
 # the floor itself: two float32 implementations of one unquantized model must agree this well
 FLOOR_MEAN_LIMIT = 1e-3
+FLOOR_TOP1_LIMIT = 0.99
 # one Linear on identical inputs: float32 accumulation order (~1e-7 measured) and the odd
 # activation code that vLLM's rounding puts one step away from lowbit's (x * (1/scale) against
 # x / scale): one INT8 step on a 1536-wide input is ~2e-4 of the output (1.8e-4 measured, oneDNN
 # INT8). A real difference is far larger (activations left unquantized: 0.17 on layer 0 outputs
-# up to 9.8; vLLM's W4A8 rewrite: 2e-2 median). In
-# bfloat16 the output's own rounding (2^-9) and bf16 partial sums add.
+# up to 9.8; vLLM's W4A8 rewrite: 2e-2 median). In bfloat16 the output's own rounding (2^-9)
+# and bf16 partial sums add.
 LINEAR_LIMIT = {"float32": 1e-3, "bfloat16": 1e-2}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-FLOOR_TOP1_LIMIT = 0.99
 
 
 def find_vllm_python(explicit: str | None = None) -> str:
@@ -211,27 +212,28 @@ def verify(model: str | Path, baseline: str | Path | None = None, *, prompts: in
                               "(the noise floor is measured on it)")
     if baseline is not None and _quantized(Path(baseline)):
         raise LowbitError(f"--baseline {baseline} is quantized: the noise floor needs the unquantized model")
+    if dtype not in DTYPES:
+        raise LowbitError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     python = find_vllm_python(vllm_python)
     windows = data.eval_windows(load_tokenizer(model), dataset, windows=prompts, seq_len=seq_len)
     ids = [w.tolist() for w in windows]
     models = [model] + ([Path(baseline)] if quantized and floor is None else [])
-    if dtype not in DTYPES:
-        raise LowbitError(f"--dtype {dtype}: use one of {', '.join(DTYPES)}")
     probe, recorded = run_vllm(python, models, ids, dtype)
     result = {"model": str(model), "scheme": _scheme_name(model), "vllm": probe["vllm"],
               "isa": probe["isa"], "prompts": len(ids), "seq_len": seq_len, "dtype": dtype,
-              "baseline": str(baseline) if baseline else None, "floor": floor, "sensitivity": None, "measured": None, "linears": None,
+              "baseline": str(baseline) if baseline else None, "floor": floor,
+              "sensitivity": None, "measured": None, "linears": None,
               "vllm_schemes": sorted(set(probe["results"][0]["schemes"].values()) - {None}),
               "explanation": [], "rule": None}
     if quantized and floor is None:
         base = probe["results"][1]
         if "error" in base:
             raise LowbitError(f"vLLM could not run the baseline {baseline}: {base['error']['message']}")
-        result["floor"] = disagreement(base["positions"], reference(_runtime(Path(baseline), DTYPES[dtype]), ids))
+        base_runtime = _runtime(Path(baseline), DTYPES[dtype])
+        result["floor"] = disagreement(base["positions"], reference(base_runtime, ids))
+        del base_runtime
     run = probe["results"][0]
     if "error" in run:
-        from .vllm_limits import explain
-
         result["status"], result["explanation"] = explain(run, result["scheme"], probe["isa"])
         return result
     runtime = _runtime(model, DTYPES[dtype])
