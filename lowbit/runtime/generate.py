@@ -84,7 +84,7 @@ def model_and_tokenizer(model_or_path, tokenizer, dtype) -> tuple[nn.Module, obj
 
     if isinstance(dtype, str):
         dtype = compute_dtype(Checkpoint(path, allow_quantized=True).dtype, dtype).dtype
-    return load_model(path, dtype), tokenizer or load_tokenizer(path)
+    return load_model(path, dtype, packed=True), tokenizer or load_tokenizer(path)
 
 
 def _encode(tokenizer, prompt) -> list[int]:
