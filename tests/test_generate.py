@@ -115,6 +115,13 @@ def test_max_tokens_and_eos_end_a_completion(llama):
     assert ignored.token_ids == r.token_ids
 
 
+def test_token_ids_are_a_prompt_as_they_are(llama):
+    _, model, tok = llama
+    ids = tok(PROMPT)["input_ids"]
+    assert lowbit.generate(model, ids, max_tokens=6, tokenizer=tok).token_ids == \
+        lowbit.generate(model, PROMPT, max_tokens=6, tokenizer=tok).token_ids
+
+
 def test_chat_messages_go_through_the_chat_template(llama):
     _, model, tok = llama
     messages = [{"role": "user", "content": "hi"}]
@@ -130,7 +137,7 @@ def test_chat_messages_go_through_the_chat_template(llama):
     (dict(temperature=float("nan")), "temperature"), (dict(top_p=0.0), "top_p"),
     (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(stop=[""]), "stop"),
     (dict(prompt=17), "prompt"), (dict(prompt=""), "no tokens"),
-    (dict(prompt=[{"content": "no role"}]), "prompt"),
+    (dict(prompt=[{"content": "no role"}]), "prompt"), (dict(prompt=[1, "a"]), "prompt"),
     (dict(max_tokens=250), "at most 256"),  # the tiny model's position limit
 ])
 def test_bad_arguments_are_lowbit_errors(llama, kwargs, message):

@@ -88,10 +88,12 @@ def model_and_tokenizer(model_or_path, tokenizer, dtype) -> tuple[nn.Module, obj
 
 
 def _encode(tokenizer, prompt) -> list[int]:
-    """A string as the tokenizer encodes it (with its BOS), or chat messages through the chat
-    template with the assistant's turn opened."""
+    """A string as the tokenizer encodes it (with its BOS), token ids as they are, or chat
+    messages through the chat template with the assistant's turn opened."""
     if isinstance(prompt, str):
         ids = tokenizer(prompt)["input_ids"]
+    elif isinstance(prompt, Sequence) and prompt and all(type(t) is int for t in prompt):
+        ids = prompt  # token ids, used as they are
     elif isinstance(prompt, Sequence) and all(isinstance(m, dict) and "role" in m and "content" in m
                                               for m in prompt) and prompt:
         if not getattr(tokenizer, "chat_template", None):
@@ -99,8 +101,8 @@ def _encode(tokenizer, prompt) -> list[int]:
         text = tokenizer.apply_chat_template(list(prompt), tokenize=False, add_generation_prompt=True)
         ids = tokenizer(text, add_special_tokens=False)["input_ids"]  # the template has its BOS
     else:
-        raise LowbitError("prompt must be a string or a list of chat messages "
-                          "({'role': ..., 'content': ...})")
+        raise LowbitError("prompt must be a string, a list of token ids or a list of chat "
+                          "messages ({'role': ..., 'content': ...})")
     if not ids:
         raise LowbitError("the prompt encodes to no tokens")
     return list(ids)
@@ -212,8 +214,8 @@ def generate(model_or_path, prompt, *, max_tokens: int = 256, temperature: float
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
              stop: str | Sequence[str] = (), ignore_eos: bool = False, tokenizer=None,
              dtype: torch.dtype | str = "auto") -> Generation:
-    """Complete `prompt` (a string, or chat messages [{"role", "content"}] rendered with the
-    model's chat template) with a loaded model or a checkpoint directory (loaded with
+    """Complete `prompt` (a string, token ids, or chat messages [{"role", "content"}] rendered
+    with the model's chat template) with a loaded model or a checkpoint directory (loaded with
     lowbit.load in `dtype`). Greedy when `temperature` is 0; otherwise sampled with `top_k`
     (0: off) and `top_p`, reproducibly for a given `seed`. Ends after `max_tokens` new tokens,
     at an end-of-sequence token (unless `ignore_eos`) or before the first of the `stop` strings.
