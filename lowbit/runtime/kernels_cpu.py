@@ -1,15 +1,17 @@
 """CPU matmul kernels for packed integer weights: plain functions on plain tensors.
 
-Chosen by measurement (bench notes in docs/benchmarks.md; SmolLM2 shapes, batch 1, one thread,
-this session's Sapphire Rapids and the same CPU restricted to AVX2):
+Chosen by measurement (bench/cpu_kernels.py, one thread, SmolLM2 shapes; the tables, on this
+session's Sapphire Rapids and on the same CPU restricted to AVX2, are in docs/benchmarks.md):
 - INT4 groups: torch's `_weight_int4pack_mm_for_cpu` is vectorized (AVX2 and AVX512) only for
-  bf16 activations; with float32 ones it runs a scalar loop ~40x slower. So activations go in
-  as bf16 whatever the compute dtype: 43 us (AVX512) / 80 us (AVX2) for a 576x1536 layer, against
-  140 us for the dense bf16 layer and 870 us for dequantizing per call in float32 on AVX2.
-- INT8 weights only: `_weight_int8pack_mm`, the same story (bf16 activations: 44 / 56 us).
-- INT8 weights and per-token INT8 inputs: FBGEMM's dynamic linear (`quantized::linear_dynamic`)
-  at 20-26 us on both ISAs, and 0.95 ms for a 256-token prefill, where quantizing the inputs
-  and calling `torch._int_mm` took 0.12 ms (VNNI) / 1.3 ms (AVX2) per token.
+  bf16 activations; with float32 ones it runs a scalar loop ~50x slower. So activations go in as
+  bf16 whatever the compute dtype: at batch 1 it beats the dense bf16 and float32 layers and
+  dequantizing per call (by 10-100x on AVX2, where float32 is the compute dtype).
+- INT8 weights only: `_weight_int8pack_mm`, the same story.
+- INT8 weights with per-token INT8 inputs: FBGEMM's dynamic linear (`quantized::linear_dynamic`)
+  is the fastest at batch 1 and for a 256-token prefill on both ISAs; quantizing inputs in torch
+  for `torch._int_mm` costs more than the matmul.
+Not yet handled: for prefill-sized batches the INT4/INT8 weight kernels are slower than a dense
+bf16 GEMM (AMX) would be on the dequantized weights.
 Without the vector ISA (ATEN's DEFAULT capability, other architectures) the packed kernels run
 scalar loops; there each Linear keeps int8 codes and dequantizes per call (`dequant_mm`).
 """
