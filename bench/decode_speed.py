@@ -4,9 +4,9 @@ transformers on the original model, at batch 1 on CPU.
 One run measures, side by side, prefill tok/s (a 256-token prompt) and decode tok/s (128 new
 tokens, EOS ignored) for: transformers' own generate on the original checkpoint in float32 and
 in bf16, lowbit's generate on the original, and lowbit's reference (dequantized) and packed
-paths on each quantized checkpoint; plus the resident bytes of the weights. Each row is run
-`--repeats` times and the best kept (the machine may be shared); ratios are against the fastest
-transformers row (decode and prefill each).
+paths on each quantized checkpoint; plus the resident bytes of the weights. Rows take turns
+for `--repeats` rounds and each keeps its best (the machine may be shared); ratios are against
+the fastest transformers row (decode and prefill each).
 
     python bench/decode_speed.py .cache/smollm2-135m-bf16 \\
         --quantized W4A16=.cache/smollm2-135m-w4a16 W8A8_INT8=.cache/smollm2-135m-w8a8_int8
@@ -41,11 +41,15 @@ def prompt_ids(path: Path, n: int) -> list[int]:
     return ids[:n]
 
 
-def transformers_row(path: Path, dtype: torch.dtype, ids: list[int], new: int) -> tuple[float, float]:
-    """(prefill tok/s, decode tok/s) of transformers' generate, greedy, exactly `new` tokens."""
+def transformers_runner(path: Path, dtype: torch.dtype, ids: list[int], new: int):
+    """() -> (prefill tok/s, decode tok/s) of transformers' generate, greedy, `new` tokens."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
+    return lambda: _transformers_run(model, ids, new)
+
+
+def _transformers_run(model, ids: list[int], new: int) -> tuple[float, float]:
     x = torch.tensor([ids])
     with torch.inference_mode():
         start = time.perf_counter()
@@ -59,17 +63,16 @@ def transformers_row(path: Path, dtype: torch.dtype, ids: list[int], new: int) -
     return len(ids) / prefill, (new - 1) / max(total - prefill, 1e-9)
 
 
-def lowbit_row(model, tokenizer, ids: list[int], new: int) -> tuple[float, float]:
+def lowbit_runner(model, tokenizer, ids: list[int], new: int):
+    return lambda: _lowbit_run(model, tokenizer, ids, new)
+
+
+def _lowbit_run(model, tokenizer, ids: list[int], new: int) -> tuple[float, float]:
     r = Generation()
     for _ in stream(model, ids, max_tokens=new, ignore_eos=True, tokenizer=tokenizer, result=r):
         pass
     assert len(r.token_ids) == new
     return len(ids) / r.prefill_seconds, r.decode_steps / r.decode_seconds
-
-
-def best(f, repeats: int) -> tuple[float, float]:
-    runs = [f() for _ in range(repeats)]
-    return max(p for p, _ in runs), max(d for _, d in runs)
 
 
 def main() -> None:
@@ -89,29 +92,32 @@ def main() -> None:
     tokenizer = load_tokenizer(a.original)
     print(f"CPU ISA {cpu_isa()}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"prompt {len(ids)} tokens, {a.new_tokens} new, best of {a.repeats}", flush=True)
-    rows = []
-
-    def add(name: str, f, weights: int | None = None) -> None:
-        prefill, decode = best(f, a.repeats)
-        rows.append((name, prefill, decode, weights))
-        print(f"  {name:<34} prefill {prefill:8.1f} tok/s  decode {decode:7.2f} tok/s", flush=True)
-
+    runners = []  # (name, run, resident weight bytes); every model is loaded first
     for dtype in (torch.float32, torch.bfloat16):
-        add(f"transformers {str(dtype)[6:]} (original)",
-            lambda: transformers_row(a.original, dtype, ids, a.new_tokens))
-    hf_best = max(d for _, _, d, _ in rows)
-    hf_prefill = max(p for _, p, _, _ in rows)
+        runners.append((f"transformers {str(dtype)[6:]} (original)",
+                        transformers_runner(a.original, dtype, ids, a.new_tokens), None))
     model = lowbit.load(a.original, a.dtype)
-    add(f"lowbit (original, {str(next(model.parameters()).dtype)[6:]})",
-        lambda: lowbit_row(model, tokenizer, ids, a.new_tokens), resident_bytes(model))
+    runners.append((f"lowbit (original, {str(next(model.parameters()).dtype)[6:]})",
+                    lowbit_runner(model, tokenizer, ids, a.new_tokens), resident_bytes(model)))
     for spec in a.quantized:
         name, _, path = spec.partition("=")
         for packed in (False, True):
             model = lowbit.load(path, a.dtype, packed=packed)
             kernels = sorted({getattr(m, "kernel", "") for m in model.modules()} - {""})
             label = f"{name} {'packed ' + '+'.join(kernels) if packed else 'reference'}"
-            add(label, lambda: lowbit_row(model, tokenizer, ids, a.new_tokens), resident_bytes(model))
-            del model
+            runners.append((label, lowbit_runner(model, tokenizer, ids, a.new_tokens), resident_bytes(model)))
+    # rows take turns, repeat after repeat, so a change in the machine's load hits them alike
+    results: dict[str, list[tuple[float, float]]] = {}
+    for r in range(a.repeats):
+        for name, run, _ in runners:
+            prefill, decode = run()
+            results.setdefault(name, []).append((prefill, decode))
+            print(f"  [{r + 1}] {name:<34} prefill {prefill:8.1f} tok/s  decode {decode:7.2f} tok/s",
+                  flush=True)
+    rows = [(name, max(p for p, _ in results[name]), max(d for _, d in results[name]), weights)
+            for name, _, weights in runners]
+    hf_best = max(d for name, _, d, _ in rows if name.startswith("transformers"))
+    hf_prefill = max(p for name, p, _, _ in rows if name.startswith("transformers"))
 
     print(f"\n| row | prefill tok/s | decode tok/s | decode vs transformers | prefill vs transformers "
           f"| weights resident (MiB) |\n|---|---|---|---|---|---|")
