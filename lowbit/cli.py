@@ -107,6 +107,8 @@ def _cmd_import_gguf(a: argparse.Namespace) -> None:
 
 def _cmd_generate(a: argparse.Namespace) -> None:
     from .runtime.generate import Generation, model_and_tokenizer, stream
+    from .runtime.kv_cache import kv_bytes
+    from .runtime.linear import resident_bytes
 
     model, tokenizer = model_and_tokenizer(a.model, None, a.compute_dtype)
     options = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
@@ -120,9 +122,10 @@ def _cmd_generate(a: argparse.Namespace) -> None:
             print(piece, end="", flush=True)
         print()
         decode = result.decode_steps / result.decode_seconds if result.decode_seconds else 0.0
+        kv = kv_bytes(model, result.prompt_tokens + a.max_tokens, next(model.parameters()).element_size())
         print(f"[{result.prompt_tokens} prompt tokens in {result.prefill_seconds:.2f} s, "
-              f"{len(result.token_ids)} new at {decode:.1f} tok/s, {result.finish_reason}]",
-              file=sys.stderr)
+              f"{len(result.token_ids)} new at {decode:.1f} tok/s, {result.finish_reason}; "
+              f"weights {_size(resident_bytes(model))}, KV cache {_size(kv)}]", file=sys.stderr)
         return
     messages = []  # the whole conversation is prefilled again each turn
     turn = a.prompt

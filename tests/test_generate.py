@@ -151,7 +151,7 @@ def test_cli_streams_the_completion_and_reports_bad_input_in_one_line(llama, tmp
     path, model, tok = llama
     expected = lowbit.generate(path, PROMPT, max_tokens=6, ignore_eos=True).text
     code, out, err = run_cli("generate", path, "--prompt", PROMPT, "--max-tokens", "6", "--ignore-eos")
-    assert code == 0 and out == expected + "\n" and "6 new" in err
+    assert code == 0 and out == expected + "\n" and "6 new" in err and "KV cache" in err
     code, out, err = run_cli("generate", path, "--prompt", PROMPT, "--top-p", "2")
     assert code == 2 and err.count("\n") == 1 and "top_p" in err
     code, _, err = run_cli("generate", tmp_path, "--prompt", PROMPT)
@@ -186,3 +186,13 @@ def test_cli_chat_keeps_the_conversation(llama, monkeypatch):
 def test_smollm2_greedy_knows_the_capital_of_france(smollm2_dir):
     r = lowbit.generate(smollm2_dir, "The capital of France is", max_tokens=8)
     assert "Paris" in r.text
+
+
+def test_kv_bytes_is_what_the_static_cache_allocates(llama):
+    from lowbit.runtime.kv_cache import kv_bytes, static_cache
+
+    _, model, _ = llama
+    cache = static_cache(model, 40)
+    model(input_ids=torch.tensor([[5, 6, 7]]), **{gen._cache_kwarg(model): cache}, use_cache=True)
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert held == kv_bytes(model, 40, 4)
