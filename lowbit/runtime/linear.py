@@ -23,6 +23,9 @@ class _Packed(nn.Module):
         self.bias: nn.Parameter | None = None  # set by the loader, like any parameter
         self.kernel = "dequant"  # the fallback; subclasses name the kernel they chose
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mm(x, bias=self.bias)  # the kernel bound at load
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
 
@@ -42,9 +45,6 @@ class Int4Linear(_Packed):
         else:
             _dequant_buffers(self, q, g)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._mm(x, bias=self.bias)
-
 
 class Int8Linear(_Packed):
     """INT8 per-channel weights, 16-bit activations (W8A16)."""
@@ -59,9 +59,6 @@ class Int8Linear(_Packed):
             self._mm = partial(K.int8_weight_mm, codes=codes, scale=scale)
         else:
             _dequant_buffers(self, q, self.in_features)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._mm(x, bias=self.bias)
 
 
 class Int8DynamicLinear(_Packed):
@@ -83,9 +80,6 @@ class Int8DynamicLinear(_Packed):
             _dequant_buffers(self, q, self.in_features)
             quant, mm = activation_qdq(inputs), self._mm
             self._mm = lambda x, bias: mm(quant(x), bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._mm(x, bias=self.bias)
 
 
 def _dequant_buffers(m: _Packed, q: Quantized, group: int) -> None:
