@@ -9,6 +9,7 @@ from .errors import LowbitError
 from .schemes import PRESETS, QuantSpec, Scheme
 
 __all__ = ["quantize", "evaluate", "load", "Scheme", "QuantSpec", "PRESETS", "LowbitError"]
+__all__ += ["generate", "stream"]
 
 
 def __getattr__(name: str):
@@ -18,4 +19,8 @@ def __getattr__(name: str):
         from . import api
 
         return getattr(api, name)
+    if name in ("generate", "stream"):
+        from .runtime import generate
+
+        return getattr(generate, name)
     raise AttributeError(f"module 'lowbit' has no attribute {name!r}")

@@ -161,17 +161,19 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
     return summary
 
 
-def load(path: str | Path, dtype: torch.dtype | str = "auto") -> torch.nn.Module:
+def load(path: str | Path, dtype: torch.dtype | str = "auto", packed: bool = True) -> torch.nn.Module:
     """A model ready to run on CPU: unquantized checkpoints as they are; lowbit/compressed-tensors
     checkpoints with weights dequantized exactly as stored and input activations quantized
     in the forward pass, as vLLM computes them. `dtype` is what it computes in: a torch dtype,
     or "auto" (the checkpoint's dtype where this CPU computes it natively, else float32),
-    "float32" or "bfloat16"."""
+    "float32" or "bfloat16". With `packed` (the default), INT4 group and INT8 per-channel
+    weights stay packed and run integer kernels (lowbit/runtime/linear.py); packed=False is
+    the dequantized reference."""
     from .runtime.load import load_model
 
     if isinstance(dtype, str):
         dtype = _compute_for(Path(path), dtype).dtype
-    return load_model(Path(path), dtype)
+    return load_model(Path(path), dtype, packed=packed)
 
 
 def _compute_for(path: Path, choice: str, device: torch.device | str = "cpu") -> Compute:
@@ -198,8 +200,9 @@ def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: 
     where = resolve_device(device)
     forward = _compute_for(path, compute, where)
     log.info("computing in %s: %s", forward.name, forward.reason)
-    net = load(path, forward.dtype).to(where)
-    base = load(baseline, forward.dtype).to(where) if baseline is not None else None
+    # the reference path: packed kernels are CPU-only, and their KL is checked against it
+    net = load(path, forward.dtype, packed=False).to(where)
+    base = load(baseline, forward.dtype, packed=False).to(where) if baseline is not None else None
     result = compare(net, wins, base)
     result.update(model=str(path), baseline=str(baseline) if baseline else None,
                   windows=len(wins), seq_len=seq_len, size_bytes=_dir_size(path), device=str(where),

@@ -140,6 +140,49 @@ def _cmd_import_gguf(a: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _cmd_generate(a: argparse.Namespace) -> None:
+    from .runtime.generate import Generation, model_and_tokenizer, stream
+    from .runtime.kv_cache import kv_bytes
+    from .runtime.linear import resident_bytes
+
+    model, tokenizer = model_and_tokenizer(a.model, None, a.compute_dtype)
+    options = dict(max_tokens=a.max_tokens, temperature=a.temperature, top_p=a.top_p,
+                   top_k=a.top_k, seed=a.seed, stop=a.stop, ignore_eos=a.ignore_eos,
+                   tokenizer=tokenizer)
+    if not a.chat:
+        if a.prompt is None:
+            raise LowbitError("--prompt TEXT is required (or --chat for a conversation)")
+        result = Generation()
+        for piece in stream(model, a.prompt, result=result, **options):
+            print(piece, end="", flush=True)
+        print()
+        decode = result.decode_steps / result.decode_seconds if result.decode_seconds else 0.0
+        kv = kv_bytes(model, result.prompt_tokens + a.max_tokens, next(model.parameters()).element_size())
+        print(f"[{result.prompt_tokens} prompt tokens in {result.prefill_seconds:.2f} s, "
+              f"{len(result.token_ids)} new at {decode:.1f} tok/s, {result.finish_reason}; "
+              f"weights {_size(resident_bytes(model))}, KV cache {_size(kv)}]", file=sys.stderr)
+        return
+    messages = []  # the whole conversation is prefilled again each turn
+    turn = a.prompt
+    while True:
+        if turn is None:
+            try:
+                turn = input("> ")
+            except EOFError:
+                print()
+                return
+        if turn.strip() in ("/exit", "/quit"):
+            return
+        messages.append({"role": "user", "content": turn})
+        reply = []
+        for piece in stream(model, messages, **options):
+            reply.append(piece)
+            print(piece, end="", flush=True)
+        print()
+        messages.append({"role": "assistant", "content": "".join(reply)})
+        turn = None
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -257,6 +300,23 @@ def build_parser() -> argparse.ArgumentParser:
                    "$LOWBIT_VLLM_PYTHON, else this one)")
     v.add_argument("--json", metavar="FILE", help="also write the report as JSON")
     v.set_defaults(func=_cmd_verify)
+
+    r = sub.add_parser("generate", help="generate text from a checkpoint, streamed as it comes",
+                       description="Complete a prompt with a checkpoint (quantized or not), "
+                       "printing tokens as they are produced; --chat for a terminal conversation "
+                       "using the model's chat template (/exit or Ctrl-D ends it).")
+    r.add_argument("model", help="checkpoint directory (quantized or not)")
+    r.add_argument("--prompt", help="the text to complete (with --chat: the first user turn)")
+    r.add_argument("--chat", action="store_true", help="multi-turn chat on the terminal")
+    r.add_argument("--max-tokens", type=_positive, default=256, help="new tokens at most (default: 256)")
+    r.add_argument("--temperature", type=_fraction, default=0.0, help="0 (default): greedy")
+    r.add_argument("--top-p", type=_fraction, default=1.0, help="nucleus sampling mass (default: 1, off)")
+    r.add_argument("--top-k", type=int, default=0, help="sample among the K likeliest (default: 0, off)")
+    r.add_argument("--seed", type=int, help="makes sampling reproducible")
+    r.add_argument("--stop", nargs="+", default=[], metavar="S", help="end before any of these strings")
+    r.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence (benchmarks)")
+    _add_compute_dtype(r, "the model runs in")
+    r.set_defaults(func=_cmd_generate)
 
     g = sub.add_parser("import-gguf", help="convert a GGUF file into a Hugging Face checkpoint directory")
     g.add_argument("gguf", help="the .gguf file")

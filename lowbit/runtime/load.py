@@ -19,6 +19,7 @@ from ..algorithms.rotation import once_per_input, online_input
 from ..formats.grid import Quantized, activation_qdq, grid_for
 from ..formats.pack import unpack_fp4, unpack_int32
 from ..schemes import QuantSpec
+from .linear import packed_linear
 
 
 def spec_from_args(args: dict) -> QuantSpec:
@@ -121,8 +122,12 @@ def _simulate_kv_cache(model: nn.Module, ckpt: Checkpoint, spec: QuantSpec) -> N
 
 
 @torch.no_grad()
-def load_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_model(path: Path, dtype: torch.dtype = torch.float32, packed: bool = False,
+               fast: bool = True) -> nn.Module:
+    """The reference model (every Linear dequantized), or with `packed` the INT4/INT8 Linears
+    kept packed (runtime/linear.py; `fast=False` forces their portable kernel)."""
     ckpt = Checkpoint(path, allow_quantized=True)
+    swaps: dict[str, nn.Module] = {}
     qcfg = ckpt.config_dict.get("quantization_config")
     if qcfg is not None and qcfg.get("quant_method") != "compressed-tensors":
         raise LowbitError(f"{path} uses {qcfg.get('quant_method')!r}; lowbit runs compressed-tensors checkpoints")
@@ -137,6 +142,12 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
                 continue
             if group is not None and pname == "weight":
                 q = stored_linear(_Tensors(ckpt), name, spec_from_args(group["weights"]))
+                inputs = group.get("input_activations")
+                fast_linear = packed_linear(q, inputs and spec_from_args(inputs), dtype, fast) \
+                    if packed else None
+                if fast_linear is not None:
+                    swaps[name] = fast_linear
+                    continue
                 if q.scale.dtype in (torch.bfloat16, torch.float16):
                     # products in float32 are exact (<= 8-bit codes times 8/11-bit scales), as
                     # vLLM's float32 scales compute them; a bf16 product would round each weight
@@ -146,8 +157,10 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
                 module.weight = nn.Parameter(q.dequantize().to(dtype), requires_grad=False)
             else:
                 ckpt.materialize_param(module, pname, full, dtype)
-        spec, scale = None, None
-        if group is not None and group.get("input_activations"):
+        spec, scale, target = None, None, swaps.get(name, module)
+        if name in swaps:  # a packed Linear quantizes its own inputs
+            target.bias = module.bias
+        elif group is not None and group.get("input_activations"):
             spec = spec_from_args(group["input_activations"])
             stored = "input_global_scale" if spec.format == "nvfp4" else "input_scale"
             scale = None if spec.dynamic else ckpt.tensor(f"{name}.{stored}")
@@ -159,9 +172,11 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32) -> nn.Module:
         key = (spec, rot, None if scale is None else tuple(scale.flatten().tolist()))
         if key not in shared:
             shared[key] = once_per_input(online_input(rot, activation_qdq(spec, scale) if spec else None))
-        module.register_forward_pre_hook(lambda m, a, f=shared[key]: (f(a[0]),))
+        target.register_forward_pre_hook(lambda m, a, f=shared[key]: (f(a[0]),))
     if tied:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     if qcfg and qcfg.get("kv_cache_scheme"):
         _simulate_kv_cache(model, ckpt, spec_from_args(qcfg["kv_cache_scheme"]))
+    for name, linear in swaps.items():  # after the KV hooks, which look for nn.Linear k_proj
+        model.set_submodule(name, linear)
     return model.eval()

@@ -1,0 +1,126 @@
+"""Linears that keep their stored integer weights packed: one class per stored format, the
+kernel picked once when the checkpoint is loaded (by format, shape and the machine's ISA), so
+forward() never branches. Each keeps plain tensors as buffers (no tensor subclasses)."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..formats.grid import Quantized
+from ..schemes import QuantSpec
+from . import kernels_cpu as K
+
+
+class _Packed(nn.Module):
+    """What every packed Linear shares: its shape, an optional bias, the chosen kernel."""
+
+    def __init__(self, q: Quantized, dtype: torch.dtype):
+        super().__init__()
+        self.out_features, self.in_features = q.codes.shape
+        self.bias: nn.Parameter | None = None  # set by the loader, like any parameter
+        self.kernel = "dequant"  # the fallback; subclasses name the kernel they chose
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._mm(x, bias=self.bias)  # the kernel bound at load
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, kernel={self.kernel}"
+
+
+class Int4Linear(_Packed):
+    """INT4 weights in groups of 32-256, symmetric or with zero points (W4A16)."""
+
+    def __init__(self, q: Quantized, dtype: torch.dtype, fast: bool = True):
+        super().__init__(q, dtype)
+        g = q.grid.spec.group_size
+        if fast and K.int4_supported(self.out_features, self.in_features, g):
+            self.kernel = "int4pack"
+            packed, scale_offset = K.int4_pack(q.codes, q.scale, q.zero)
+            self.register_buffer("weight_int4pack", packed)
+            self.register_buffer("weight_scale_offset", scale_offset)
+            self._mm = partial(K.int4_mm, packed=packed, scale_offset=scale_offset, group=g)
+        else:
+            _dequant_buffers(self, q, g)
+
+
+class Int8Linear(_Packed):
+    """INT8 per-channel weights, 16-bit activations (W8A16)."""
+
+    def __init__(self, q: Quantized, dtype: torch.dtype, fast: bool = True):
+        super().__init__(q, dtype)
+        if fast and K.int8_weight_supported(self.in_features):
+            self.kernel = "int8pack"
+            codes, scale = q.codes.contiguous(), q.scale.reshape(-1).to(torch.bfloat16)
+            self.register_buffer("weight", codes)
+            self.register_buffer("weight_scale", scale)
+            self._mm = partial(K.int8_weight_mm, codes=codes, scale=scale)
+        else:
+            _dequant_buffers(self, q, self.in_features)
+
+
+class Int8DynamicLinear(_Packed):
+    """INT8 per-channel weights, INT8 inputs quantized per token at run time (W8A8 dynamic)."""
+
+    def __init__(self, q: Quantized, dtype: torch.dtype, inputs: QuantSpec, fast: bool = True):
+        super().__init__(q, dtype)
+        if fast and K.int8_dynamic_supported():
+            self.kernel = "fbgemm"
+            # FBGEMM keeps its own packed copy; the int8 codes are not kept beside it
+            self._packed = K.int8_dynamic_pack(q.codes.contiguous(), q.scale.reshape(-1).float())
+            self.fbgemm_bytes = q.codes.numel() + 8 * self.out_features  # codes + double scales
+            # AVX512-VNNI accumulates u8*s8 products in 32 bits; AVX2's vpmaddubsw saturates
+            reduce_range = not torch.cpu._is_vnni_supported()
+            self._mm = partial(K.int8_dynamic_mm, packed=self._packed, reduce_range=reduce_range)
+        else:
+            from ..formats.grid import activation_qdq
+
+            _dequant_buffers(self, q, self.in_features)
+            quant, mm = activation_qdq(inputs), self._mm
+            self._mm = lambda x, bias: mm(quant(x), bias=bias)
+
+
+def _dequant_buffers(m: _Packed, q: Quantized, group: int) -> None:
+    """The fallback: int8 codes [N, K/group, group] with their scales (and zero points),
+    dequantized on every call."""
+    n = m.out_features
+    codes = q.codes.reshape(n, -1, group)
+    scale = q.scale.reshape(n, -1, 1)
+    zero = None if q.zero is None else q.zero.reshape(n, -1, 1)
+    m.register_buffer("weight_codes", codes)
+    m.register_buffer("weight_scale", scale)
+    m.register_buffer("weight_zero_point", zero)
+    m._mm = partial(K.dequant_mm, codes=codes, scale=scale, zero=zero)
+
+
+def packed_linear(q: Quantized, inputs: QuantSpec | None, dtype: torch.dtype,
+                  fast: bool = True) -> nn.Module | None:
+    """The packed Linear for a stored weight and input spec, or None where the format has none
+    yet (the caller keeps the dequantized reference Linear). `fast=False` forces the portable
+    dequantize-per-call kernel."""
+    w = q.grid.spec
+    if w.format != "int" or w.granularity not in ("group", "channel"):
+        return None
+    if inputs is None and w.bits == 4 and w.granularity == "group":
+        return Int4Linear(q, dtype, fast)
+    if w.bits == 8 and w.granularity == "channel" and q.zero is None:
+        if inputs is None:
+            return Int8Linear(q, dtype, fast)
+        if inputs.format == "int" and inputs.bits == 8 and inputs.dynamic and inputs.symmetric \
+                and inputs.granularity == "token":
+            return Int8DynamicLinear(q, dtype, inputs, fast)
+    return None
+
+
+def resident_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers (each storage once), FBGEMM's packed weights
+    included: what the weights hold in memory."""
+    seen, total = set(), 0
+    for t in [*model.parameters(), *model.buffers()]:
+        key = t.untyped_storage().data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += t.untyped_storage().nbytes()
+    return total + sum(getattr(m, "fbgemm_bytes", 0) for m in model.modules())

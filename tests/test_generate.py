@@ -1,0 +1,198 @@
+"""lowbit.generate / lowbit.stream / `lowbit generate`: greedy equals transformers' own greedy
+generate, sampling is reproducible and stays inside top-k / top-p, stop strings and max_tokens
+end a completion, bad arguments are LowbitErrors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import lowbit
+from lowbit.checkpoint import load_tokenizer
+from lowbit.runtime import generate as gen
+from lowbit.runtime.load import load_model
+from test_cli import run_cli
+
+PROMPT = "the quick brown fox jumps over the lazy dog"
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_dir):
+    path = tiny_dir("llama")
+    return path, load_model(path, torch.float32), load_tokenizer(path)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma2"])
+def test_greedy_equals_transformers_generate(tiny_dir, family, monkeypatch):
+    path = tiny_dir(family)
+    tok = load_tokenizer(path)
+    prompt = PROMPT * 2  # 86 tokens: past gemma2's 32-token sliding window
+    monkeypatch.setattr(gen, "PREFILL_CHUNK", 16)  # several prefill chunks
+    ours = lowbit.generate(path, prompt, max_tokens=24, dtype=torch.float32, ignore_eos=True)
+    hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    ids = tok(prompt, return_tensors="pt").input_ids
+    # no EOS and a forced length on both sides: the tokens compare one for one
+    theirs = hf.generate(ids, max_new_tokens=24, min_new_tokens=24, do_sample=False, eos_token_id=None,
+                         pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+    assert ours.token_ids == theirs
+    assert ours.prompt_tokens == ids.shape[1] and ours.finish_reason == "length"
+
+
+def test_stream_pieces_join_to_the_text(llama):
+    path, model, tok = llama
+    pieces = list(lowbit.stream(model, PROMPT, max_tokens=16, tokenizer=tok))
+    whole = lowbit.generate(model, PROMPT, max_tokens=16, tokenizer=tok)
+    assert len(pieces) > 1 and "".join(pieces) == whole.text
+    assert whole.text == tok.decode(whole.token_ids, skip_special_tokens=True)
+
+
+def test_a_seed_makes_sampling_reproducible(llama):
+    _, model, tok = llama
+    run = lambda seed: lowbit.generate(model, PROMPT, max_tokens=20, temperature=1.0, seed=seed,
+                                       tokenizer=tok, ignore_eos=True).token_ids
+    greedy = lowbit.generate(model, PROMPT, max_tokens=20, tokenizer=tok, ignore_eos=True).token_ids
+    assert run(7) == run(7)
+    assert run(7) != run(8) and run(7) != greedy
+
+
+def test_top_k_one_is_greedy(llama):
+    _, model, tok = llama
+    greedy = lowbit.generate(model, PROMPT, max_tokens=12, tokenizer=tok, ignore_eos=True)
+    sampled = lowbit.generate(model, PROMPT, max_tokens=12, temperature=5.0, top_k=1, seed=0,
+                              tokenizer=tok, ignore_eos=True)
+    assert sampled.token_ids == greedy.token_ids
+
+
+def test_pick_draws_only_from_top_k_and_the_nucleus():
+    probs = torch.tensor([0.05, 0.5, 0.15, 0.3])  # sorted: 1 (.5), 3 (.3), 2 (.15), 0 (.05)
+    logits = probs.log()
+    g = torch.Generator().manual_seed(0)
+    draws = lambda **kw: {gen.pick(logits, 1.0, generator=g, **kw) for _ in range(300)}
+    assert draws(top_k=2, top_p=1.0) == {1, 3}
+    assert draws(top_k=0, top_p=0.7) == {1, 3}  # .5 < .7 <= .5 + .3
+    assert draws(top_k=0, top_p=0.8) == {1, 3}  # reaching top_p exactly closes the set
+    assert draws(top_k=0, top_p=0.81) == {1, 3, 2}
+    assert draws(top_k=0, top_p=0.4) == {1}
+    assert draws(top_k=0, top_p=1.0) == {0, 1, 2, 3}
+    assert gen.pick(logits, 0.0, 0, 1.0, None) == 1
+
+
+def test_sampling_follows_the_tempered_distribution():
+    logits = torch.tensor([0.0, 1.0, 2.0])
+    g = torch.Generator().manual_seed(0)
+    counts = torch.bincount(torch.tensor([gen.pick(logits, 2.0, 0, 1.0, g) for _ in range(4000)]),
+                            minlength=3).float() / 4000
+    expected = torch.tensor([0.0, 0.5, 1.0]).exp() / torch.tensor([0.0, 0.5, 1.0]).exp().sum()
+    assert torch.allclose(counts, expected, atol=0.03)  # ~4 standard errors at n=4000
+
+
+def test_a_stop_string_cuts_the_text_before_it(llama):
+    _, model, tok = llama
+    full = lowbit.generate(model, PROMPT, max_tokens=24, tokenizer=tok, ignore_eos=True)
+    stop = full.text[6:9]  # spans tokens: one token per byte in the tiny tokenizer
+    cut = lowbit.generate(model, PROMPT, max_tokens=24, tokenizer=tok, ignore_eos=True,
+                          stop=["never appears \x00", stop])
+    assert cut.text == full.text[:full.text.find(stop)] and cut.finish_reason == "stop"
+    assert len(cut.token_ids) < len(full.token_ids)
+    pieces = list(lowbit.stream(model, PROMPT, max_tokens=24, tokenizer=tok, ignore_eos=True, stop=stop))
+    assert "".join(pieces) == cut.text  # the held-back prefix of the stop string is never shown
+
+
+def test_max_tokens_and_eos_end_a_completion(llama):
+    _, model, tok = llama
+    r = lowbit.generate(model, PROMPT, max_tokens=5, tokenizer=tok, ignore_eos=True)
+    assert len(r.token_ids) == 5 and r.decode_steps == 4 and r.finish_reason == "length"
+    first = r.token_ids[0]
+    eos = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = first  # the model's first greedy token is now its EOS
+    try:
+        ended = lowbit.generate(model, PROMPT, max_tokens=5, tokenizer=tok)
+        ignored = lowbit.generate(model, PROMPT, max_tokens=5, tokenizer=tok, ignore_eos=True)
+    finally:
+        model.generation_config.eos_token_id = eos
+    assert ended.token_ids == [first] and ended.finish_reason == "eos" and ended.text == ""
+    assert ignored.token_ids == r.token_ids
+
+
+def test_token_ids_are_a_prompt_as_they_are(llama):
+    _, model, tok = llama
+    ids = tok(PROMPT)["input_ids"]
+    assert lowbit.generate(model, ids, max_tokens=6, tokenizer=tok).token_ids == \
+        lowbit.generate(model, PROMPT, max_tokens=6, tokenizer=tok).token_ids
+
+
+def test_chat_messages_go_through_the_chat_template(llama):
+    _, model, tok = llama
+    messages = [{"role": "user", "content": "hi"}]
+    r = lowbit.generate(model, messages, max_tokens=4, tokenizer=tok, ignore_eos=True)
+    rendered = "<s><|user|>hi</s>\n<|assistant|>"  # the tiny template, written out
+    same = lowbit.generate(model, rendered, max_tokens=4, tokenizer=tok, ignore_eos=True)
+    assert r.prompt_tokens == len(tok(rendered, add_special_tokens=False)["input_ids"])
+    assert r.token_ids == same.token_ids
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(max_tokens=0), "max_tokens"), (dict(temperature=-1.0), "temperature"),
+    (dict(temperature=float("nan")), "temperature"), (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"), (dict(top_k=-1), "top_k"), (dict(stop=[""]), "stop"),
+    (dict(prompt=17), "prompt"), (dict(prompt=""), "no tokens"),
+    (dict(prompt=[{"content": "no role"}]), "prompt"), (dict(prompt=[1, "a"]), "prompt"),
+    (dict(max_tokens=250), "at most 256"),  # the tiny model's position limit
+])
+def test_bad_arguments_are_lowbit_errors(llama, kwargs, message):
+    _, model, tok = llama
+    kwargs = {"prompt": PROMPT, **kwargs}
+    with pytest.raises(lowbit.LowbitError, match=message):
+        lowbit.generate(model, kwargs.pop("prompt"), tokenizer=tok, **kwargs)
+
+
+def test_cli_streams_the_completion_and_reports_bad_input_in_one_line(llama, tmp_path):
+    path, model, tok = llama
+    expected = lowbit.generate(path, PROMPT, max_tokens=6, ignore_eos=True).text
+    code, out, err = run_cli("generate", path, "--prompt", PROMPT, "--max-tokens", "6", "--ignore-eos")
+    assert code == 0 and out == expected + "\n" and "6 new" in err and "KV cache" in err
+    code, out, err = run_cli("generate", path, "--prompt", PROMPT, "--top-p", "2")
+    assert code == 2 and err.count("\n") == 1 and "top_p" in err
+    code, _, err = run_cli("generate", tmp_path, "--prompt", PROMPT)
+    assert code == 2 and "config.json" in err
+
+
+def test_cli_chat_keeps_the_conversation(llama, monkeypatch):
+    path, _, _ = llama
+    turns = iter(["hello", "and again"])
+    seen = []
+    real = gen.stream
+
+    def user(prompt=""):
+        try:
+            return next(turns)
+        except StopIteration:
+            raise EOFError from None  # Ctrl-D
+
+    def stream(model, messages, **kw):
+        seen.append([dict(m) for m in messages])
+        yield from real(model, messages, **kw)
+
+    monkeypatch.setattr("builtins.input", user)
+    monkeypatch.setattr(gen, "stream", stream)
+    code, out, _ = run_cli("generate", path, "--chat", "--max-tokens", "3")
+    assert code == 0 and len(seen) == 2
+    assert [m["role"] for m in seen[1]] == ["user", "assistant", "user"]
+    assert seen[1][0]["content"] == "hello" and seen[1][2]["content"] == "and again"
+
+
+@pytest.mark.e2e
+def test_smollm2_greedy_knows_the_capital_of_france(smollm2_dir):
+    r = lowbit.generate(smollm2_dir, "The capital of France is", max_tokens=8)
+    assert "Paris" in r.text
+
+
+def test_kv_bytes_is_what_the_static_cache_allocates(llama):
+    from lowbit.runtime.kv_cache import kv_bytes, static_cache
+
+    _, model, _ = llama
+    cache = static_cache(model, 40)
+    model(input_ids=torch.tensor([[5, 6, 7]]), **{gen._cache_kwarg(model): cache}, use_cache=True)
+    held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
+    assert held == kv_bytes(model, 40, 4)

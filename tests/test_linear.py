@@ -1,0 +1,178 @@
+"""Packed Linears (runtime/linear.py, kernels_cpu.py) against the dequantizing reference path and
+a float64 product written here: every INT4 group size, symmetric and with zero points, INT8
+weights with odd K, per-token INT8 inputs, the forced fallback, and whole tiny models."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.formats.grid import Quantized, grid_for
+from lowbit.runtime.linear import packed_linear, resident_bytes
+from lowbit.runtime.load import load_model
+from lowbit.schemes import QuantSpec
+
+TOKEN_INT8 = QuantSpec("int", 8, "token", dynamic=True)
+
+
+def random_quantized(n: int, k: int, bits: int, group: int | None, symmetric: bool, seed: int = 0) -> Quantized:
+    """Random codes, bf16 scales (as checkpoints store them) and zero points."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    spec = QuantSpec("int", bits, "group" if group else "channel", group, symmetric)
+    codes = torch.randint(lo, hi + 1, (n, k), generator=g, dtype=torch.int8)
+    scale = ((torch.rand(n, k // group if group else 1, generator=g) + 0.1) / 50).bfloat16()
+    zero = None if symmetric else torch.randint(lo, hi + 1, scale.shape, generator=g, dtype=torch.int8)
+    return Quantized(codes, scale, grid_for(spec, torch.bfloat16), zero)
+
+
+def exact(q: Quantized) -> tuple[torch.Tensor, torch.Tensor]:
+    """float64 weights (code - zero) * scale and |zero * scale|, broadcast per group here."""
+    n, k = q.codes.shape
+    per = k // q.scale.shape[1]
+    s = q.scale.double().repeat_interleave(per, 1)
+    z = torch.zeros_like(s) if q.zero is None else q.zero.double().repeat_interleave(per, 1)
+    return (q.codes.double() - z) * s, (z * s).abs()
+
+
+def bf16_input_bound(x: torch.Tensor, q: Quantized) -> torch.Tensor:
+    """What the INT4/INT8 weight kernels may differ from the exact product by: they round each
+    input to bf16 (relative 2^-9) and hold the zero offset -zero*scale in bf16 (2^-9 of it),
+    then accumulate in float32 (relative ~K * 2^-24, far smaller): 2^-8 leaves a factor 2."""
+    w, zs = exact(q)
+    return 2.0**-8 * (x.double().abs() @ (w.abs() + zs).T) + 1e-6
+
+
+def check(linear, x: torch.Tensor, q: Quantized, bound: torch.Tensor) -> None:
+    y = linear(x)
+    want = x.double() @ exact(q)[0].T
+    assert y.shape == want.shape and y.dtype == x.dtype
+    assert ((y.double() - want).abs() <= bound).all(), (y.double() - want).abs().max()
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("fast", [True, False])
+def test_int4_kernels_match_the_exact_product(group, symmetric, fast):
+    q = random_quantized(48, 3 * group, 4, group, symmetric, seed=group)
+    linear = packed_linear(q, None, torch.float32, fast)
+    assert linear.kernel == ("int4pack" if fast else "dequant")
+    for x in (torch.randn(1, 3 * group), torch.randn(2, 5, 3 * group)):
+        check(linear, x, q, bf16_input_bound(x, q))
+    if not fast:  # the fallback computes exactly what the reference path loads
+        x = torch.randn(7, 3 * group)
+        assert torch.equal(linear(x), torch.nn.functional.linear(x, q.dequantize().float()))
+
+
+def test_int4_rows_the_kernel_cannot_pack_fall_back():
+    q = random_quantized(40, 64, 4, 32, False)  # 40 rows: not a multiple of 16
+    linear = packed_linear(q, None, torch.float32)
+    assert linear.kernel == "dequant"
+    x = torch.randn(3, 64)
+    check(linear, x, q, bf16_input_bound(x, q))
+
+
+@pytest.mark.parametrize("k, kernel", [(96, "int8pack"), (77, "dequant"), (72, "dequant")])
+def test_int8_weight_kernel_and_odd_k(k, kernel):
+    # torch 2.13's int8 kernel crashes unless K % 16 == 0, so those shapes must fall back
+    q = random_quantized(37, k, 8, None, True)
+    linear = packed_linear(q, None, torch.bfloat16)
+    assert linear.kernel == kernel
+    x = torch.randn(4, k).bfloat16()
+    # bf16 output: one more rounding of the result, relative 2^-9 of |x| @ |W|
+    check(linear, x, q, 2 * bf16_input_bound(x, q))
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_int8_dynamic_inputs_are_quantized_per_token(fast):
+    q = random_quantized(64, 160, 8, None, True)
+    x = torch.randn(6, 160)
+    x[2] *= 1000  # an outlier token: a per-tensor input scale would swamp the others
+    x[4] = 0.0
+    linear = packed_linear(q, TOKEN_INT8, torch.float32, fast)
+    assert linear.kernel == ("fbgemm" if fast else "dequant")
+    # each input is rounded to a grid of step <= 2 * amax(token) / 255 (symmetric int8:
+    # amax / 127; FBGEMM's 7-bit reduce_range: 2 * amax / 127), so an output moves by at most
+    # half a step times sum |w|: amax / 127 * sum |w| bounds all three
+    w = exact(q)[0]
+    amax = x.double().abs().amax(-1, keepdim=True)
+    bound = amax / 127 * w.abs().sum(1) + 1e-5 * (x.double().abs() @ w.abs().T) + 1e-6
+    check(linear, x, q, bound)
+    assert (linear(x)[4] == 0).all()
+
+
+def test_int8_dynamic_kernel_does_not_saturate():
+    # all inputs at the top of their range times all weights at +127: where 16-bit pair sums
+    # saturate (AVX2's vpmaddubsw without reduce_range) this product comes out far too small
+    q = Quantized(torch.full((32, 256), 127, dtype=torch.int8), torch.full((32, 1), 0.01).bfloat16(),
+                  grid_for(QuantSpec("int", 8, "channel"), torch.bfloat16))
+    x = torch.ones(3, 256)
+    y = packed_linear(q, TOKEN_INT8, torch.float32)(x)
+    assert torch.allclose(y, torch.full_like(y, 256 * 127 * q.scale[0, 0].item()), rtol=1e-2)
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny_dir, tmp_path_factory):
+    """The tiny llama quantized (RTN, data-free) to each packed format."""
+    src = tiny_dir("llama")
+    root = tmp_path_factory.mktemp("packed")
+    made = {}
+    for scheme, options in [("W4A16", dict(group_size=32)), ("W4A16_ASYM", dict(group_size=64)),
+                            ("W8A16", {}), ("W8A8_INT8", dict(smoothquant="off"))]:
+        made[scheme] = root / scheme
+        lowbit.quantize(src, made[scheme], scheme, algorithm="rtn", seq_len=64, **options)
+    return src, made
+
+
+@pytest.mark.parametrize("scheme, kernel", [("W4A16", "int4pack"), ("W4A16_ASYM", "int4pack"),
+                                            ("W8A16", "int8pack"), ("W8A8_INT8", "fbgemm")])
+def test_packed_models_match_the_reference_path(checkpoints, scheme, kernel):
+    src, made = checkpoints
+    ids = torch.randint(8, 250, (1, 48), generator=torch.Generator().manual_seed(0))
+    original = load_model(src)(input_ids=ids).logits
+    reference_model = load_model(made[scheme])
+    reference = reference_model(input_ids=ids).logits
+    packed = lowbit.load(made[scheme], torch.float32)
+    assert {getattr(m, "kernel", None) for m in packed.modules()} == {None, kernel}
+    quantization = (reference - original).norm()
+    fast = packed(input_ids=ids).logits
+    if kernel == "fbgemm":
+        # another INT8 input grid (asymmetric, 255 steps a token) rounds inputs differently
+        # but as finely: the fast path is as close to the unquantized model as the reference
+        assert (fast - original).norm() < 1.1 * quantization
+    else:  # bf16 inputs: a difference well under what quantization itself makes
+        assert (fast - reference).norm() < 0.5 * quantization
+    fallback = load_model(made[scheme], torch.float32, packed=True, fast=False)
+    assert torch.equal(fallback(input_ids=ids).logits, reference)  # the same weights, same math
+    assert resident_bytes(packed) < resident_bytes(reference_model)
+    linear_bytes = sum(b.numel() * b.element_size() for m in packed.modules()
+                       if hasattr(m, "kernel") for b in m.buffers()) + sum(
+        getattr(m, "fbgemm_bytes", 0) for m in packed.modules())
+    weights = sum(m.in_features * m.out_features for m in packed.modules() if hasattr(m, "kernel"))
+    rows = sum(m.out_features for m in packed.modules() if hasattr(m, "kernel"))
+    # 4 or 8 bits a weight, plus a bf16 scale and offset per group (of 32 or more), or at most
+    # 8 bytes of scale per row (FBGEMM keeps doubles)
+    bits, scales = (4, weights // 32 * 4) if scheme.startswith("W4") else (8, rows * 8)
+    assert linear_bytes <= weights * bits // 8 + scales
+
+
+def test_without_vector_instructions_the_fallback_is_chosen(checkpoints):
+    _, made = checkpoints
+    script = (
+        "import sys, torch, lowbit\n"
+        "from lowbit.runtime.load import load_model\n"
+        "m = lowbit.load(sys.argv[1], torch.float32)\n"
+        "ids = torch.arange(8, 40)[None]\n"
+        "same = torch.equal(m(input_ids=ids).logits, load_model(sys.argv[1])(input_ids=ids).logits)\n"
+        "print(torch.backends.cpu.get_cpu_capability(),"
+        " sorted({getattr(x, 'kernel', '') for x in m.modules()} - {''}), same)\n")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "default"}
+    for scheme in ("W4A16", "W8A8_INT8"):
+        out = subprocess.run([sys.executable, "-c", script, str(made[scheme])], env=env,
+                             capture_output=True, text=True, check=True).stdout
+        assert out.split() == ["DEFAULT", "['dequant']", "True"], out
