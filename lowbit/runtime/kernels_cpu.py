@@ -105,8 +105,8 @@ def int8_dynamic_mm(x: torch.Tensor, packed, reduce_range: bool,
 def dequant_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
                bias: torch.Tensor | None = None) -> torch.Tensor:
     """The portable fallback: codes [N, G, g] (g = K for per-channel) dequantized on every
-    call as compressed-tensors defines it, (code - zero) * scale in the scale's dtype, so the
-    weights equal the reference path's."""
+    call as compressed-tensors defines it, (code - zero) * scale in the scale's dtype (float32
+    for 16-bit scales, as on the reference path), so the weights equal the reference path's."""
     w = codes.to(scale.dtype) if zero is None else codes.to(scale.dtype) - zero.to(scale.dtype)
     w = (w * scale).reshape(codes.shape[0], -1).to(x.dtype)
     return torch.nn.functional.linear(x, w, bias)

@@ -87,7 +87,9 @@ def _dequant_buffers(m: _Packed, q: Quantized, group: int) -> None:
     dequantized on every call."""
     n = m.out_features
     codes = q.codes.reshape(n, -1, group)
+    # 16-bit scales multiply in float32, exactly, as on the reference path (runtime/load.py)
     scale = q.scale.reshape(n, -1, 1)
+    scale = scale.float() if scale.dtype in (torch.bfloat16, torch.float16) else scale
     zero = None if q.zero is None else q.zero.reshape(n, -1, 1)
     m.register_buffer("weight_codes", codes)
     m.register_buffer("weight_scale", scale)
