@@ -22,6 +22,8 @@ import warnings
 
 import torch
 
+from ..formats.grid import abs_max
+
 # torch's int4 CPU packing needs output rows in multiples of 16; the int8 kernel reads K in
 # blocks of 16 (it crashes on K = 72 or 88 in torch 2.13, checked here)
 INT4_GROUP_SIZES = (32, 64, 128, 256)
@@ -96,7 +98,7 @@ def int8_dynamic_mm(x: torch.Tensor, packed, reduce_range: bool,
     `reduce_range` (7-bit inputs) is what AVX2 needs: its vpmaddubsw saturates 16-bit pair sums.
     """
     flat = x.reshape(-1, x.shape[-1]).float()
-    amax = flat.abs().amax(-1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
+    amax = abs_max(flat, -1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
     y = torch.ops.quantized.linear_dynamic(flat / amax, packed, reduce_range) * amax
     y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
     return y if bias is None else y + bias
