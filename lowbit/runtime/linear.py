@@ -85,11 +85,9 @@ class Int8DynamicLinear(_Packed):
 def _dequant_buffers(m: _Packed, q: Quantized, group: int) -> None:
     """The fallback: int8 codes [N, K/group, group] with their scales (and zero points),
     dequantized on every call."""
-    n = m.out_features
+    n, q = m.out_features, q.exact()  # float32 products, as on the reference path
     codes = q.codes.reshape(n, -1, group)
-    # 16-bit scales multiply in float32, exactly, as on the reference path (runtime/load.py)
     scale = q.scale.reshape(n, -1, 1)
-    scale = scale.float() if scale.dtype in (torch.bfloat16, torch.float16) else scale
     zero = None if q.zero is None else q.zero.reshape(n, -1, 1)
     m.register_buffer("weight_codes", codes)
     m.register_buffer("weight_scale", scale)

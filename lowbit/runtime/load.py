@@ -148,13 +148,7 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, packed: bool = Fa
                 if fast_linear is not None:
                     swaps[name] = fast_linear
                     continue
-                if q.scale.dtype in (torch.bfloat16, torch.float16):
-                    # products in float32 are exact (<= 8-bit codes times 8/11-bit scales), as
-                    # vLLM's float32 scales compute them; a bf16 product would round each weight
-                    # (measured by `lowbit verify`: 0.2 nats on FP8_DYNAMIC SmolLM2). Cast to a
-                    # 16-bit dtype afterwards, it rounds once, as a 16-bit product does.
-                    q = dataclasses.replace(q, scale=q.scale.float())
-                module.weight = nn.Parameter(q.dequantize().to(dtype), requires_grad=False)
+                module.weight = nn.Parameter(q.exact().dequantize().to(dtype), requires_grad=False)
             else:
                 ckpt.materialize_param(module, pname, full, dtype)
         spec, scale, target = None, None, swaps.get(name, module)
