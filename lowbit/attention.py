@@ -51,14 +51,18 @@ def attention_modules(model: nn.Module) -> dict[str, nn.Module]:
 
 def install_kv_hooks(hooks: dict[nn.Module, KVHook]) -> Callable[[], None]:
     """Route attention of each module through `hooks[module](module, key, value)`; returns
-    the function that undoes it (a loaded model keeps them for its lifetime)."""
+    the function that undoes it (a loaded model keeps them for its lifetime). A module already
+    routed (a loaded model's KV-cache simulation) has its hook replaced until the undo."""
     configs = {id(m.config): m.config for m in hooks if hasattr(m, "config")}
     before = {k: c._attn_implementation for k, c in configs.items()}
+    previous = {m: {k: m.__dict__[k] for k in ("_lowbit_kv_hook", "_lowbit_kv_inner") if k in m.__dict__}
+                for m in hooks}
     for m, hook in hooks.items():
         m.__dict__["_lowbit_kv_hook"] = hook
-        m.__dict__["_lowbit_kv_inner"] = before[id(m.config)]
+        m.__dict__.setdefault("_lowbit_kv_inner", before[id(m.config)])
     for c in configs.values():
-        c._attn_implementation = _register(c._attn_implementation)
+        if not c._attn_implementation.startswith(f"{NAME}_"):
+            c._attn_implementation = _register(c._attn_implementation)
 
     def undo() -> None:
         for k, c in configs.items():
@@ -66,6 +70,7 @@ def install_kv_hooks(hooks: dict[nn.Module, KVHook]) -> Callable[[], None]:
         for m in hooks:
             m.__dict__.pop("_lowbit_kv_hook", None)
             m.__dict__.pop("_lowbit_kv_inner", None)
+            m.__dict__.update(previous[m])
 
     return undo
 

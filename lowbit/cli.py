@@ -105,7 +105,9 @@ def _print_verify(r: dict) -> None:
     print(f"{r['model']}: {r['scheme']}")
     for name, m in (("vLLM vs lowbit", r.get("measured")),
                     ("floor, unquantized (vLLM vs transformers)", r.get("floor")),
-                    (f"floor, rounding (lowbit {r['dtype']} vs float64)", r.get("sensitivity"))):
+                    (f"floor, rounding (lowbit {r['dtype']} vs float64)", r.get("sensitivity")),
+                    ("vLLM vs lowbit with vLLM CPU's FP8 KV-cache rounding", r.get("measured_vllm_cpu_kv")),
+                    ("floor, rounding of that model", r.get("sensitivity_vllm_cpu_kv"))):
         if m is None:
             continue
         print(f"{name}: mean |dlogp| {m['mean_abs_dlogp']:.2e}, max {m['max_abs_dlogp']:.2e}, "

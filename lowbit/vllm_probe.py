@@ -167,6 +167,7 @@ def main(request_path: str, result_path: str) -> None:
     with open(result_path, "w") as f:
         json.dump({"vllm": vllm.__version__, "isa": f"{SIMULATED_ISA.upper()}, simulated" if SIMULATED_ISA
                    else torch.backends.cpu.get_cpu_capability(),
+                   "device": "cuda" if torch.cuda.is_available() else "cpu",
                    "results": results}, f)
 
 
