@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 
 import openai
 
+from ..errors import LowbitError
+
 
 @dataclass
 class Response:
@@ -54,6 +56,22 @@ async def first_model(client: openai.AsyncOpenAI) -> str:
     """The id of the first model the server lists (what `vllm bench serve` uses without --model)."""
     page = await client.models.list()
     return page.data[0].id
+
+
+def served_model(base_url: str, api_key: str | None = None, timeout: float = 60.0) -> str:
+    """The server's first model id, or a LowbitError that says the server could not be asked."""
+    async def ask() -> str:
+        client = connect(base_url, api_key, timeout)
+        try:
+            return await asyncio.wait_for(first_model(client), timeout)
+        finally:
+            await client.close()
+
+    try:
+        return asyncio.run(ask())
+    except Exception as e:  # noqa: BLE001 -- without a model name nothing can be sent
+        raise LowbitError(f"cannot list the models at {base_url}/v1/models ({type(e).__name__}: "
+                          f"{str(e)[:200]}): is the server up? pass --model to skip the lookup") from None
 
 
 async def stream(client: openai.AsyncOpenAI, *, model: str, prompt: str, prompt_len: int,

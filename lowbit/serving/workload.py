@@ -18,7 +18,7 @@ import logging
 import random
 from dataclasses import dataclass
 
-from ..data import read_records, split
+from ..data import Records, read_records, split
 from ..errors import LowbitError
 
 log = logging.getLogger(__name__)
@@ -50,9 +50,10 @@ def _fixed_prompt(tokenizer, text: str, input_len: int) -> str:
     return tokenizer.decode(ids)
 
 
-def sample(tokenizer, dataset: str, num: int, *, seed: int = 0, input_len: int | None = None,
+def sample(tokenizer, dataset: str | Records, num: int, *, seed: int = 0, input_len: int | None = None,
            output_len: int | None = None) -> list[Request]:
-    """`num` requests from `dataset` ("sharegpt" or a path lowbit.data reads) by vLLM's rule.
+    """`num` requests from `dataset` by vLLM's rule: "sharegpt" (its eval part), a path
+    lowbit.data reads (all of it), or Records already read (all of them).
 
     `input_len` / `output_len` replace the conversation's own lengths (the prompt's tokens are
     repeated or cut to `input_len`; the length filters then apply only to what is not fixed).
@@ -60,7 +61,7 @@ def sample(tokenizer, dataset: str, num: int, *, seed: int = 0, input_len: int |
     """
     if num < 1:
         raise LowbitError(f"--num-prompts must be at least 1 (got {num})")
-    records = read_records(dataset)
+    records = dataset if isinstance(dataset, Records) else read_records(dataset)
     pool = split(records, "eval") if dataset == "sharegpt" else list(records.items)
     conversations = [r for r in pool if isinstance(r, list) and len(r) >= 2]
     random.Random(seed).shuffle(conversations)  # = random.seed(seed); random.shuffle(...)
