@@ -6,7 +6,7 @@ overshoot does not accumulate. It streams exactly max_tokens tokens ("tok0 tok1 
 usage chunk when asked for and `data: [DONE]`. Words in the prompt change its behaviour:
 FAIL500 -> HTTP 500; DROP -> the connection is cut after 2 tokens; HANG -> it stops after one
 token; SLOW -> TTFT is `slow_ttft`; NOUSAGE -> no usage chunk. It records arrivals, request
-bodies and the peak number of requests in flight.
+bodies and the peak number of requests in flight, apart from lowbit's warm-up request.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from lowbit.serving.client import WARM_UP_PROMPT
+
 
 @dataclass
 class State:
@@ -32,11 +34,12 @@ class State:
     bodies: list[dict] = field(default_factory=list)
     active: int = 0
     peak: int = 0
+    warm_ups: int = 0  # lowbit's untimed warm-up requests: served, counted, not recorded above
 
     def reset(self) -> None:
         self.arrivals.clear()
         self.bodies.clear()
-        self.active = self.peak = 0
+        self.active = self.peak = self.warm_ups = 0
 
 
 def _app(state: State) -> FastAPI:
@@ -51,9 +54,12 @@ def _app(state: State) -> FastAPI:
         arrived = time.perf_counter()
         loop_t0 = asyncio.get_running_loop().time()
         body = await request.json()
-        state.arrivals.append(arrived)
-        state.bodies.append(body)
         prompt = body["messages"][-1]["content"] if chat else body["prompt"]
+        if prompt == WARM_UP_PROMPT:
+            state.warm_ups += 1
+        else:
+            state.arrivals.append(arrived)
+            state.bodies.append(body)
         if "FAIL500" in prompt:
             return JSONResponse({"error": {"message": "injected failure", "type": "server_error",
                                            "code": 500}}, status_code=500)

@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import LowbitError
 from ..outdir import writing
-from .client import Response, connect, first_model, stream
+from .client import Response, connect, first_model, stream, warm_up
 from .workload import Request
 
 PERCENTILES = (50, 90, 99)
@@ -99,18 +99,14 @@ async def _send_all(requests, times, *, base_url, model, endpoint, max_concurren
                     api_key, ignore_eos) -> tuple[str, list[Response], float]:
     client = connect(base_url, api_key, timeout)
     try:
-        # always asked, also with --model: the first call through the client pays its one-time
-        # setup (measured here: 50 ms), which would otherwise land in the first request's TTFT
-        try:
-            listed = await asyncio.wait_for(first_model(client), timeout)
-        except Exception as e:  # noqa: BLE001 -- without --model, no benchmark can run
-            if model is None:
+        if model is None:
+            try:
+                model = await asyncio.wait_for(first_model(client), timeout)
+            except Exception as e:  # noqa: BLE001 -- without a model name nothing can be sent
                 raise LowbitError(f"cannot list the models at {base_url}/v1/models "
                                   f"({type(e).__name__}: {str(e)[:200]}): is the server up? "
                                   "pass --model to skip the lookup") from None
-            listed = model
-        model = model or listed
-        _ = client.completions if endpoint == "completions" else client.chat.completions
+        await warm_up(client, model, endpoint)  # its failure shows again in the measured requests
         gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
         async def one(req: Request) -> Response:

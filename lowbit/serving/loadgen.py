@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import LowbitError
 from ..outdir import atomic_dir
-from .client import connect, served_model, stream
+from .client import connect, served_model, stream, warm_up
 from .workload import Request
 
 TTFT_MS, TPOT_MS = 2000.0, 200.0  # MLPerf Llama-2-70B Server latency constraints (p99)
@@ -56,6 +56,7 @@ class _SUT:
         self.thread.start()
         self.client = connect(base_url, api_key, timeout)
         self.gate = self._run(self._gate(max_concurrency))
+        self._run(warm_up(self.client, model, endpoint))  # before LoadGen's clock starts
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
