@@ -312,3 +312,15 @@ def test_mlperf_help_says_real_runs_need_the_official_settings(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "mlperf", "--help"])
     assert "official settings" in " ".join(capsys.readouterr().out.split())
+
+
+def test_all_requests_failing_is_an_error_after_the_report(fake, tmp_path, smollm2_dir, capsys):
+    path = tmp_path / "fail.jsonl"
+    path.write_text("".join(json.dumps({"conversations": [
+        {"from": "human", "value": f"please FAIL500 now, request {i}"},
+        {"from": "gpt", "value": "this reply is long enough to keep"}]}) + "\n" for i in range(3)))
+    out = tmp_path / "r.json"
+    code = main(["bench", "serve", "--base-url", fake.url, "--tokenizer", str(smollm2_dir),
+                 "--dataset", str(path), "--num-prompts", "3", "--json", str(out)])
+    assert code == 2 and "all 3 requests failed" in capsys.readouterr().err
+    assert json.loads(out.read_text())["metrics"]["failed"] == 3

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import contextlib
 import json
 import re
 import threading
@@ -82,29 +83,28 @@ class _SUT:
 
     async def _one(self, sample_id: int, index: int) -> None:
         req: Request = self.requests[index]
-        first = []
+        first, r, ids = [], None, np.zeros(0, TOKEN_DTYPE)
 
         def on_first(text):
             first.append(True)
             self._respond(self.lg.FirstTokenComplete, sample_id, self._ids(text)[:1])
 
-        async def send():
-            return await stream(self.client, prompt=req.prompt, prompt_len=req.prompt_len,
-                                max_tokens=min(req.output_len, self.max_tokens),
-                                on_first_token=on_first, **self.call)
-
-        if self.gate is None:
-            r = await send()
-        else:
-            async with self.gate:
-                r = await send()
-        if not r.success:  # LoadGen waits for every sample: a failure still completes, empty
-            self.failures += 1
-            self.errors.append(r.error)
+        try:
+            async with self.gate or contextlib.nullcontext():
+                r = await stream(self.client, prompt=req.prompt, prompt_len=req.prompt_len,
+                                 max_tokens=min(req.output_len, self.max_tokens),
+                                 on_first_token=on_first, **self.call)
+            if r.success:
+                ids = self._ids(r.text)
+        finally:  # LoadGen waits for every sample: a failure still completes it, empty
+            if r is None or not r.success:
+                self.failures += 1
+                self.errors.append(r.error if r is not None else "the SUT failed (a lowbit bug)")
+                ids = np.zeros(0, TOKEN_DTYPE)
             if not first:
-                self._respond(self.lg.FirstTokenComplete, sample_id, np.zeros(0, TOKEN_DTYPE))
-        ids = self._ids(r.text) if r.success else np.zeros(0, TOKEN_DTYPE)
-        self._respond(self.lg.QuerySamplesComplete, sample_id, ids, max(r.output_tokens, 1))
+                self._respond(self.lg.FirstTokenComplete, sample_id, ids[:1])
+            n_tokens = r.output_tokens if r is not None and r.success else 0
+            self._respond(self.lg.QuerySamplesComplete, sample_id, ids, max(n_tokens, 1))
 
     def close(self) -> None:
         self._run(self.client.close())
