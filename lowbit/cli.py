@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from pathlib import Path
@@ -338,6 +339,13 @@ def _rate(text: str) -> float:
     return value
 
 
+def _seconds(text: str) -> float:
+    value = _rate(text)
+    if math.isinf(value):  # every request is bounded, so every run ends
+        raise argparse.ArgumentTypeError("must be a finite number of seconds")
+    return value
+
+
 def _bench_requests(a: argparse.Namespace, num: int):
     """The model name, the tokenizer and `num` ShareGPT requests (vLLM's sampling rule)."""
     from .checkpoint import load_tokenizer
@@ -427,7 +435,7 @@ def _add_bench(sub) -> None:
         q.add_argument("--api-key", help="sent as a Bearer token (default: $OPENAI_API_KEY)")
         q.add_argument("--seed", type=int, default=0, help="sampling and arrival seed (default: 0)")
         q.add_argument("--max-concurrency", type=_positive, help="requests in flight at most")
-        q.add_argument("--timeout", type=_rate, default=600.0,
+        q.add_argument("--timeout", type=_seconds, default=600.0,
                        help="seconds one request may take in all (default: 600)")
     s.add_argument("--num-prompts", type=_positive, default=100, help="requests (default: 100)")
     s.add_argument("--request-rate", type=_rate, default=float("inf"),

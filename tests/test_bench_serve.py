@@ -166,7 +166,7 @@ def test_goodput_counts_only_requests_within_every_slo(fake):
 def test_failures_are_counted_and_the_run_goes_on(fake):
     reqs = _requests(5, 6, {1: "FAIL500", 2: "DROP", 3: "HANG"})
     t0 = time.monotonic()
-    r = bench.run(reqs, base_url=fake.url, timeout=0.5)
+    r = bench.run(reqs, base_url=fake.url, timeout=0.5, model="fake-model")
     assert time.monotonic() - t0 < 10  # the hung request is cut at its timeout, not after 30 s
     m = r["metrics"]
     assert (m["completed"], m["failed"]) == (2, 3)

@@ -107,7 +107,7 @@ async def _send_all(requests, times, *, base_url, model, endpoint, max_concurren
                 raise LowbitError(f"cannot list the models at {base_url}/v1/models "
                                   f"({type(e).__name__}: {str(e)[:200]}): is the server up? "
                                   "pass --model to skip the lookup") from None
-        await warm_up(client, model, endpoint)  # its failure shows again in the measured requests
+        await warm_up(client, model, endpoint, timeout)  # a failure shows again when measured
         gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
         async def one(req: Request) -> Response:

@@ -61,13 +61,15 @@ async def first_model(client: openai.AsyncOpenAI) -> str:
 WARM_UP_PROMPT = "Hi"
 
 
-async def warm_up(client: openai.AsyncOpenAI, model: str, endpoint: str) -> Response:
+async def warm_up(client: openai.AsyncOpenAI, model: str, endpoint: str,
+                  timeout: float = 60.0) -> Response:
     """One untimed one-token request before a measured run. The client's first request of each
     kind pays a one-time cost (the SDK resolves its request types, measured 50 ms here) that
-    would otherwise land in the first measured TTFT; vLLM's benchmark likewise sends one test
-    request first. A short fixed prompt, so no measured prompt is already in a prefix cache."""
+    would otherwise land in the first measured TTFT (vLLM's aiohttp client has no such cost; its
+    benchmark can also send a test request first, --ready-check-timeout-sec). A short fixed
+    prompt, so no measured prompt is already in a prefix cache."""
     return await stream(client, model=model, prompt=WARM_UP_PROMPT, prompt_len=1, max_tokens=1,
-                        endpoint=endpoint, ignore_eos=False, timeout=60.0)
+                        endpoint=endpoint, ignore_eos=False, timeout=timeout)
 
 
 def served_model(base_url: str, api_key: str | None = None, timeout: float = 60.0) -> str:

@@ -56,15 +56,11 @@ class _SUT:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
         self.client = connect(base_url, api_key, timeout)
-        self.gate = self._run(self._gate(max_concurrency))
-        self._run(warm_up(self.client, model, endpoint))  # before LoadGen's clock starts
+        self.gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
+        self._run(warm_up(self.client, model, endpoint, timeout))  # before LoadGen's clock starts
 
     def _run(self, coro):
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result()
-
-    @staticmethod
-    async def _gate(n):
-        return asyncio.Semaphore(n) if n else None
 
     def issue(self, samples) -> None:  # LoadGen's IssueQuery: hand over and return at once
         for s in samples:
