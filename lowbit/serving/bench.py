@@ -20,6 +20,7 @@ Percentiles are NumPy's default (linear interpolation), as in vLLM.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import json
 import math
@@ -32,7 +33,7 @@ import numpy as np
 
 from ..errors import LowbitError
 from ..outdir import writing
-from .client import Response, connect, first_model, stream, warm_up
+from .client import Response, connect, resolve_model, stream, warm_up
 from .workload import Request
 
 PERCENTILES = (50, 90, 99)
@@ -100,13 +101,7 @@ async def _send_all(requests, times, *, base_url, model, endpoint, max_concurren
                     api_key, ignore_eos) -> tuple[str, list[Response], float]:
     client = connect(base_url, api_key, timeout)
     try:
-        if model is None:
-            try:
-                model = await asyncio.wait_for(first_model(client), timeout)
-            except Exception as e:  # noqa: BLE001 -- without a model name nothing can be sent
-                raise LowbitError(f"cannot list the models at {base_url}/v1/models "
-                                  f"({type(e).__name__}: {str(e)[:200]}): is the server up? "
-                                  "pass --model to skip the lookup") from None
+        model = await resolve_model(client, base_url, model, timeout)
         await warm_up(client, model, endpoint, timeout)  # a failure shows again when measured
         gate = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
@@ -114,9 +109,7 @@ async def _send_all(requests, times, *, base_url, model, endpoint, max_concurren
             call = dict(model=model, prompt=req.prompt, prompt_len=req.prompt_len,
                         max_tokens=req.output_len, endpoint=endpoint, ignore_eos=ignore_eos,
                         timeout=timeout)
-            if gate is None:
-                return await stream(client, **call)
-            async with gate:
+            async with gate or contextlib.nullcontext():
                 return await stream(client, **call)
 
         # as vLLM: what exists now is never garbage; fewer collector pauses inside the timings

@@ -72,20 +72,28 @@ async def warm_up(client: openai.AsyncOpenAI, model: str, endpoint: str,
                         endpoint=endpoint, ignore_eos=False, timeout=timeout)
 
 
-def served_model(base_url: str, api_key: str | None = None, timeout: float = 60.0) -> str:
-    """The server's first model id, or a LowbitError that says the server could not be asked."""
-    async def ask() -> str:
-        client = connect(base_url, api_key, timeout)
-        try:
-            return await asyncio.wait_for(first_model(client), timeout)
-        finally:
-            await client.close()
-
+async def resolve_model(client: openai.AsyncOpenAI, base_url: str, model: str | None,
+                        timeout: float) -> str:
+    """`model`, or the server's first model id; a LowbitError when the server cannot be asked."""
+    if model is not None:
+        return model
     try:
-        return asyncio.run(ask())
+        return await asyncio.wait_for(first_model(client), timeout)
     except Exception as e:  # noqa: BLE001 -- without a model name nothing can be sent
         raise LowbitError(f"cannot list the models at {base_url}/v1/models ({type(e).__name__}: "
                           f"{str(e)[:200]}): is the server up? pass --model to skip the lookup") from None
+
+
+def served_model(base_url: str, api_key: str | None = None, timeout: float = 60.0) -> str:
+    """The server's first model id (what `vllm bench serve` uses without --model)."""
+    async def ask() -> str:
+        client = connect(base_url, api_key, timeout)
+        try:
+            return await resolve_model(client, base_url, None, timeout)
+        finally:
+            await client.close()
+
+    return asyncio.run(ask())
 
 
 async def stream(client: openai.AsyncOpenAI, *, model: str, prompt: str, prompt_len: int,
