@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import sys
 from pathlib import Path
@@ -341,7 +340,7 @@ def _rate(text: str) -> float:
 
 def _seconds(text: str) -> float:
     value = _rate(text)
-    if math.isinf(value):  # every request is bounded, so every run ends
+    if value == float("inf"):  # every request is bounded, so every run ends
         raise argparse.ArgumentTypeError("must be a finite number of seconds")
     return value
 
