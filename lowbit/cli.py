@@ -327,7 +327,147 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight dtype (default: bf16)")
     g.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     g.set_defaults(func=_cmd_import_gguf)
+    _add_bench(sub)
     return p
+
+
+# --- lowbit bench serve / lowbit bench mlperf: load a running OpenAI-compatible server ---------
+
+def _rate(text: str) -> float:
+    value = _fraction(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be positive or inf, got {text}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = _rate(text)
+    if value == float("inf"):  # every request is bounded, so every run ends
+        raise argparse.ArgumentTypeError("must be a finite number of seconds")
+    return value
+
+
+def _bench_requests(a: argparse.Namespace, num: int):
+    """The model name, the tokenizer and `num` ShareGPT requests (vLLM's sampling rule)."""
+    from .checkpoint import load_tokenizer
+    from .serving.client import served_model
+    from .serving.workload import sample
+
+    model = a.model or served_model(a.base_url, a.api_key)
+    tokenizer_path = a.tokenizer or model
+    if not a.tokenizer and not Path(model).is_dir():
+        raise LowbitError(f"the served model {model!r} is not a local directory: pass --tokenizer "
+                          "PATH (a checkpoint directory with the model's tokenizer)")
+    tokenizer = load_tokenizer(tokenizer_path)
+    return model, tokenizer, sample(tokenizer, a.dataset, num, seed=a.seed,
+                                    input_len=getattr(a, "input_len", None),
+                                    output_len=getattr(a, "output_len", None))
+
+
+def _cmd_bench_serve(a: argparse.Namespace) -> int:
+    from .serving import bench
+
+    slo = bench.parse_slo(a.slo)
+    model, _, requests = _bench_requests(a, a.num_prompts)
+    result = bench.run(requests, base_url=a.base_url, model=model, endpoint=a.endpoint,
+                       request_rate=a.request_rate, max_concurrency=a.max_concurrency,
+                       seed=a.seed, burstiness=a.burstiness, timeout=a.timeout,
+                       api_key=a.api_key, slo=slo, ignore_eos=not a.no_ignore_eos)
+    result["config"].update(dataset=a.dataset, tokenizer=a.tokenizer or model,
+                            input_len=a.input_len, output_len=a.output_len)
+    print(bench.table(result))
+    if a.json:
+        bench.write_json(a.json, result)
+    if result["metrics"]["completed"] == 0:
+        raise LowbitError(f"all {len(requests)} requests failed, e.g. "
+                          f"{result['metrics']['errors'][0]}: check --base-url, --model and --api-key")
+    return 0
+
+
+def _cmd_bench_mlperf(a: argparse.Namespace) -> int:
+    from .serving import loadgen
+
+    model, tokenizer, requests = _bench_requests(a, a.num_samples)
+    r = loadgen.run(requests, tokenizer, base_url=a.base_url, out=a.out, scenario=a.scenario,
+                    mode=a.mode, model=model, api_key=a.api_key, endpoint=a.endpoint,
+                    target_qps=a.target_qps, duration_ms=a.duration_ms, ttft_ms=a.ttft_ms,
+                    tpot_ms=a.tpot_ms, max_tokens=a.max_tokens, timeout=a.timeout,
+                    max_concurrency=a.max_concurrency, overwrite=a.overwrite)
+    print(f"MLPerf LoadGen {r['scenario']} {r['mode']}: {r['samples']} samples from {a.dataset}, "
+          f"{r['failed_requests']} failed requests; logs in {a.out}")
+    for key, value in (r["summary"] or {}).items():
+        if key in loadgen.SUMMARY_KEYS:
+            print(f"  {key}: {value}")
+    if r.get("rouge"):
+        print("  " + ", ".join(f"{k} {r['rouge'][k]:.4f}" for k in loadgen.ROUGE_TYPES))
+    for e in r["errors"]:
+        print(f"  error: {e}")
+    return 0
+
+
+def _add_bench(sub) -> None:
+    b = sub.add_parser("bench", help="measure a running OpenAI-compatible server (serve, mlperf)",
+                       description="Load a running OpenAI-compatible server (lowbit serve, vllm "
+                       "serve) with held-out ShareGPT conversations and measure it.")
+    kinds = b.add_subparsers(dest="bench", required=True)
+    s = kinds.add_parser("serve", help="latency and throughput, as vllm bench serve measures them",
+                         description="Stream requests to a server and report TTFT, TPOT, "
+                         "inter-token latency and end-to-end latency (mean, p50, p90, p99), request "
+                         "and token throughput and goodput under SLOs. Sampling, arrivals and "
+                         "metrics follow vllm bench serve, so the figures compare with its own "
+                         "(pass it --ignore-eos: lowbit sends ignore_eos unless --no-ignore-eos).")
+    m = kinds.add_parser("mlperf", help="MLPerf LoadGen Offline/Server scenarios against a server",
+                         description="MLPerf LoadGen issues the queries (Offline: all at once; "
+                         "Server: Poisson arrivals at --target-qps with Llama-2-70B's p99 TTFT/TPOT "
+                         "constraints) and writes its own logs (mlperf_log_summary.txt with "
+                         "VALID/INVALID, mlperf_log_detail.txt, mlperf_log_accuracy.json) into OUT. "
+                         "The defaults make a run of seconds on a CPU with a small model; a real "
+                         "MLPerf run needs the official settings (the full dataset, a 10-minute "
+                         "minimum duration, mlperf.conf/user.conf), which this command does not apply.")
+    for q in (s, m):
+        q.add_argument("--base-url", required=True, help="the server, e.g. http://127.0.0.1:8000")
+        q.add_argument("--model", help="the model name to request (default: the server's first)")
+        q.add_argument("--tokenizer", metavar="PATH", help="counts prompt/reply tokens (default: "
+                       "--model, when it is a checkpoint directory)")
+        q.add_argument("--dataset", default="sharegpt", help="'sharegpt' (its held-out part) or a "
+                       "dataset file as for quantize (default: sharegpt)")
+        q.add_argument("--endpoint", choices=["completions", "chat"], default="completions",
+                       help="/v1/completions (default) or /v1/chat/completions")
+        q.add_argument("--api-key", help="sent as a Bearer token (default: $OPENAI_API_KEY)")
+        q.add_argument("--seed", type=int, default=0, help="sampling and arrival seed (default: 0)")
+        q.add_argument("--max-concurrency", type=_positive, help="requests in flight at most")
+        q.add_argument("--timeout", type=_seconds, default=600.0,
+                       help="seconds one request may take in all (default: 600)")
+    s.add_argument("--num-prompts", type=_positive, default=100, help="requests (default: 100)")
+    s.add_argument("--request-rate", type=_rate, default=float("inf"),
+                   help="requests per second, Poisson arrivals; inf (default): all at once")
+    s.add_argument("--burstiness", type=_rate, default=1.0,
+                   help="gamma shape of the arrival gaps (default: 1, a Poisson process)")
+    s.add_argument("--input-len", type=_positive, help="fixed prompt tokens (default: the record's)")
+    s.add_argument("--output-len", type=_positive, help="fixed output tokens (default: the reply's)")
+    s.add_argument("--slo", metavar="KEY=MS,...", help="goodput SLOs in ms over ttft, tpot, e2el, "
+                   "e.g. ttft=2000,tpot=200")
+    s.add_argument("--no-ignore-eos", action="store_true", help="do not send ignore_eos (servers "
+                   "that reject vLLM's extension); replies may then end early")
+    s.add_argument("--json", metavar="OUT", help="also write config, metrics, per-request records "
+                   "and the client CPU as JSON (written atomically)")
+    s.set_defaults(func=_cmd_bench_serve)
+    m.add_argument("--scenario", required=True, choices=["Offline", "Server"])
+    m.add_argument("--mode", choices=["performance", "accuracy"], default="performance",
+                   help="accuracy: every sample once, then ROUGE against the dataset's replies")
+    m.add_argument("--target-qps", type=_rate, default=1.0, help="Server: the arrival rate; "
+                   "Offline: the expected throughput LoadGen sizes its query by (default: 1)")
+    m.add_argument("--num-samples", type=_positive, default=16,
+                   help="dataset samples, and LoadGen's minimum query count (default: 16)")
+    m.add_argument("--duration-ms", type=_positive, default=5000,
+                   help="LoadGen's minimum duration (default: 5000; MLPerf's is 600000)")
+    m.add_argument("--ttft-ms", type=_rate, default=2000.0, help="Server p99 TTFT bound (default: 2000)")
+    m.add_argument("--tpot-ms", type=_rate, default=200.0, help="Server p99 TPOT bound (default: 200)")
+    m.add_argument("--max-tokens", type=_positive, default=128,
+                   help="reply tokens at most; replies stop at end-of-sequence (default: 128)")
+    m.add_argument("--out", default="mlperf_logs", help="LoadGen's log directory (default: mlperf_logs)")
+    m.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    m.set_defaults(func=_cmd_bench_mlperf)
 
 
 def main(argv: list[str] | None = None) -> int:
