@@ -1,0 +1,140 @@
+"""Batched decoding where every request is at its own position (gpt-fast / vLLM style).
+
+transformers' StaticCache has one cache_position for the whole batch, so requests that joined
+at different times cannot share a forward through it. Here each request owns a slot of a
+preallocated cache, [slots, kv_heads, max_len, head_dim] keys and values per layer, and one
+forward takes any set of slots with a position per token:
+
+    prefill(slot, ids)                          # one request's prompt into its slot, in chunks
+    decode(slots, tokens, positions)            # one token for each running request, one forward
+
+The model's own modules do the work (embedding, norms, q/k/v/o projections, which are lowbit's
+packed Linears after lowbit.load, the rotary embedding, the MLP, lm_head); only attention is
+written here, with SDPA and a per-row mask: row b sees positions <= positions[b] of its own
+slot (and, for sliding-window layers, only the last `window` of them). Whatever a previous
+occupant left in a slot beyond that is masked, so freeing a slot costs nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import LowbitError
+
+PREFILL_CHUNK = 256  # prompt tokens per forward during prefill
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # decoder layers of the Llama shape
+
+
+def _text_config(model: nn.Module):
+    c = model.config
+    return c.get_text_config() if hasattr(c, "get_text_config") else c
+
+
+class SlotCache:
+    """Per-layer key and value tensors [slots, kv_heads, max_len, head_dim], written in place."""
+
+    def __init__(self, model: nn.Module, slots: int, max_len: int, dtype: torch.dtype):
+        c = _text_config(model)
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        shape = (slots, kv_heads, max_len, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype) for _ in range(c.num_hidden_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype) for _ in range(c.num_hidden_layers)]
+        self.slots, self.max_len = slots, max_len
+
+
+class BatchDecoder:
+    """A loaded model with a slot cache: prefill one request, decode many at mixed positions."""
+
+    def __init__(self, model: nn.Module, slots: int, max_len: int):
+        c = _text_config(model)
+        family = getattr(c, "model_type", "?")
+        if family not in FAMILIES:
+            raise LowbitError(f"batched serving runs {', '.join(FAMILIES)} models; {family!r} is not "
+                              "one of them (Gemma's scaled embedding, soft-capping and extra norms "
+                              "are not written here): use --engine vllm")
+        limit = getattr(c, "max_position_embeddings", None)
+        if limit and max_len > limit:
+            raise LowbitError(f"max_len {max_len} is beyond the model's {limit} positions")
+        self.model, self.config, self.max_len = model, c, max_len
+        self.base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
+        self.dtype = self.base.embed_tokens.weight.dtype
+        self.cache = SlotCache(model, slots, max_len, self.dtype)
+        attn = self.base.layers[0].self_attn
+        # each family's own rotation (Phi-3's handles a partial rotary dimension)
+        self._rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+
+    @torch.inference_mode()
+    def prefill(self, slot: int, ids: list[int], start: int = 0, chunk: int | None = None) -> torch.Tensor:
+        """Write `ids` (positions start, start+1, ...) into `slot`, in chunks; the last-position
+        logits [vocab] (float32, or float64 for a float64 model)."""
+        chunk = chunk or PREFILL_CHUNK
+        for at in range(0, len(ids), chunk):
+            piece = ids[at:at + chunk]
+            positions = torch.arange(start + at, start + at + len(piece)).unsqueeze(0)
+            logits = self._forward(torch.tensor([slot]), torch.tensor([piece]), positions)
+        return logits[0]
+
+    @torch.inference_mode()
+    def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
+        """One new token for each request: `tokens[b]` sits at `positions[b]` of slot `slots[b]`.
+        Returns the next-token logits [len(slots), vocab]."""
+        return self._forward(torch.tensor(slots), torch.tensor(tokens).unsqueeze(1),
+                             torch.tensor(positions).unsqueeze(1))
+
+    def _forward(self, slots: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """slots [B], ids and positions [B, T] -> logits of each row's last token [B, vocab]."""
+        if int(positions.max()) >= self.max_len:
+            raise LowbitError(f"position {int(positions.max())} is beyond the cache's {self.max_len}")
+        h = self.base.embed_tokens(ids)
+        cos, sin = self.base.rotary_emb(h, position_ids=positions)
+        seen = int(positions.max()) + 1  # keys past every row's position are masked anyway
+        visible = torch.arange(seen)[None, None, :] <= positions[:, :, None]  # [B, T, seen]
+        for i, layer in enumerate(self.base.layers):
+            h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin,
+                                    slots, positions, visible, seen)
+            h = h + layer.mlp(layer.post_attention_layernorm(h))
+        h = self.base.norm(h[:, -1:])
+        logits = self.model.lm_head(h)[:, 0]
+        return logits.to(torch.promote_types(logits.dtype, torch.float32))
+
+    def _attention(self, i: int, attn: nn.Module, x: torch.Tensor, cos, sin, slots, positions,
+                   visible, seen) -> torch.Tensor:
+        B, T, _ = x.shape
+        d = attn.head_dim
+        if hasattr(attn, "qkv_proj"):  # Phi-3: one fused projection, q then k then v
+            qkv = attn.qkv_proj(x)
+            nq = self.config.num_attention_heads * d
+            nkv = (qkv.shape[-1] - nq) // 2
+            q, k, v = qkv[..., :nq], qkv[..., nq:nq + nkv], qkv[..., nq + nkv:]
+        else:
+            q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
+        q, k, v = (t.view(B, T, -1, d) for t in (q, k, v))
+        if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before RoPE
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, d]
+        q, k = self._rotate(q, k, cos, sin)
+        hook = attn.__dict__.get("_lowbit_kv_hook")
+        if hook is not None:  # a simulated FP8 cache: what is stored is what attention reads
+            k, v = hook(attn, k, v)
+        keys, values = self.cache.keys[i], self.cache.values[i]
+        # advanced indices around a slice put their [B, T] first: [B, T, kv_heads, d]
+        keys[slots[:, None], :, positions] = k.transpose(1, 2).to(keys.dtype)
+        values[slots[:, None], :, positions] = v.transpose(1, 2).to(values.dtype)
+        K, V = keys[slots, :, :seen], values[slots, :, :seen]  # [B, kv_heads, seen, d]
+        mask = visible
+        window = self._window(attn)
+        if window:  # transformers: key j is seen from query i when j > i - window
+            mask = mask & (torch.arange(seen)[None, None, :] > positions[:, :, None] - window)
+        out = F.scaled_dot_product_attention(q, K.to(q.dtype), V.to(q.dtype), attn_mask=mask[:, None],
+                                             scale=attn.scaling, enable_gqa=True)
+        return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+    def _window(self, attn: nn.Module) -> int | None:
+        if hasattr(attn, "sliding_window"):  # Qwen2/3 set it per layer (None on full layers)
+            return attn.sliding_window
+        return getattr(self.config, "sliding_window", None)  # Mistral, Phi-3: every layer
