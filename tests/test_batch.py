@@ -1,0 +1,94 @@
+"""runtime/batch.py: one decode forward for requests at different positions gives each request
+the logits transformers computes for it alone.
+
+Compared in float64 against the full forward of each sequence by itself (no cache): the two
+compute the same sums in different orders and shapes (SDPA on a gathered cache against
+transformers' own masked attention), so they agree to float64 rounding, ~1e-16 relative on
+logits of size ~1; 1e-12 leaves room for accumulation over 2 layers and nothing else: a wrong
+position, mask, slot or rotation moves logits by 1e-2 or more.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from lowbit.attention import attention_modules, kv_hooks
+from lowbit.errors import LowbitError
+from lowbit.runtime.batch import BatchDecoder
+from tiny import tiny_config, tiny_model
+
+TOL = 1e-12
+LENGTHS = (5, 40, 17)  # prompts of three requests, so they decode at positions 4, 39 and 16
+
+
+def _sequences(seed: int = 0) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, 256, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def _alone(model, seqs) -> torch.Tensor:
+    return torch.stack([model(torch.tensor([ids])).logits[0, -1] for ids in seqs])
+
+
+def _batched(model, seqs, slots=(2, 0, 3)) -> torch.Tensor:
+    decoder = BatchDecoder(model, slots=4, max_len=64)
+    for slot, ids in zip(slots, seqs):
+        decoder.prefill(slot, ids[:-1], chunk=8)  # several chunks for the longer prompts
+    return decoder.decode(list(slots), [ids[-1] for ids in seqs], [len(ids) - 1 for ids in seqs])
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "qwen3", "phi3"])
+def test_decode_at_mixed_positions_equals_each_request_alone(family):
+    model = tiny_model(family, dtype=torch.float64)
+    seqs = _sequences()
+    ours, theirs = _batched(model, seqs), _alone(model, seqs)
+    assert ours.dtype == torch.float64
+    assert (ours - theirs).abs().max() < TOL
+
+
+def test_a_slot_reused_after_a_longer_request_ignores_what_it_left():
+    model = tiny_model("llama", dtype=torch.float64)
+    decoder = BatchDecoder(model, slots=2, max_len=64)
+    long, short = _sequences(1)[1], _sequences(2)[0]
+    decoder.prefill(0, long)  # positions 0..39 of slot 0 now hold another request's keys
+    decoder.prefill(0, short[:-1])
+    ours = decoder.decode([0], [short[-1]], [len(short) - 1])
+    assert (ours - _alone(model, [short])).abs().max() < TOL
+
+
+def test_sliding_window_layers_see_only_their_window():
+    config = tiny_config("mistral")
+    config.sliding_window = 8  # shorter than two of the three sequences
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float64).eval()
+    seqs = _sequences()
+    ours, theirs = _batched(model, seqs), _alone(model, seqs)
+    assert (ours - theirs).abs().max() < TOL
+    config.sliding_window = None  # the window changes the answer: the comparison can fail
+    assert (_batched(model, seqs) - theirs).abs().max() > 1e-4
+
+
+def test_the_kv_hook_is_applied_to_what_is_cached():
+    model = tiny_model("qwen3", dtype=torch.float64)
+    coarse = lambda m, k, v: ((k * 4).round() / 4, (v * 4).round() / 4)  # idempotent, like FP8 qdq
+    seqs = _sequences()
+    plain = _alone(model, seqs)
+    with kv_hooks({m: coarse for m in attention_modules(model).values()}):
+        theirs = _alone(model, seqs)
+        ours = _batched(model, seqs)
+    assert (theirs - plain).abs().max() > 1e-3  # the hook matters
+    assert (ours - theirs).abs().max() < TOL
+
+
+def test_other_families_are_refused_by_name():
+    with pytest.raises(LowbitError, match="gemma2.*--engine vllm"):
+        BatchDecoder(tiny_model("gemma2"), slots=1, max_len=16)
+
+
+def test_positions_past_the_cache_are_refused():
+    decoder = BatchDecoder(tiny_model("llama"), slots=1, max_len=8)
+    with pytest.raises(LowbitError, match="beyond the cache"):
+        decoder.decode([0], [5], [8])
