@@ -92,3 +92,15 @@ def test_positions_past_the_cache_are_refused():
     decoder = BatchDecoder(tiny_model("llama"), slots=1, max_len=8)
     with pytest.raises(LowbitError, match="beyond the cache"):
         decoder.decode([0], [5], [8])
+
+
+def test_prompts_of_different_lengths_prefill_in_one_forward():
+    model = tiny_model("qwen2", dtype=torch.float64)
+    decoder = BatchDecoder(model, slots=2, max_len=41)
+    long, short = _sequences(3)[1], _sequences(4)[2]  # 40 and 17 tokens
+    decoder.prefill(0, long[:36])
+    # the long request's 3 tokens are padded to the short one's 16: its padding runs past the
+    # cache's end (positions 39..51 of 41) and is parked on the last position
+    decoder.prefill_many([0, 1], [long[36:39], short[:16]], [36, 0])
+    ours = decoder.decode([0, 1], [long[39], short[16]], [39, 16])
+    assert (ours - _alone(model, [long, short])).abs().max() < TOL

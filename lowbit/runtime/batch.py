@@ -74,22 +74,39 @@ class BatchDecoder:
         logits [vocab] (float32, or float64 for a float64 model)."""
         chunk = chunk or PREFILL_CHUNK
         for at in range(0, len(ids), chunk):
-            piece = ids[at:at + chunk]
-            positions = torch.arange(start + at, start + at + len(piece)).unsqueeze(0)
-            logits = self._forward(torch.tensor([slot]), torch.tensor([piece]), positions)
+            logits = self.prefill_many([slot], [ids[at:at + chunk]], [start + at])
         return logits[0]
+
+    @torch.inference_mode()
+    def prefill_many(self, slots: list[int], chunks: list[list[int]], starts: list[int]) -> torch.Tensor:
+        """Several requests' prompt pieces in one forward: `chunks[b]` goes to positions starts[b],
+        ... of slot `slots[b]`. Shorter pieces are padded; the padding lands in the cache after the
+        piece's last position, which that request only reads after writing it again, so it is
+        harmless. Returns each piece's last-position logits [B, vocab]."""
+        self._check(max(s + len(c) for s, c in zip(starts, chunks)) - 1)
+        T = max(len(c) for c in chunks)
+        ids = torch.tensor([c + [0] * (T - len(c)) for c in chunks])
+        positions = torch.tensor(starts)[:, None] + torch.arange(T)
+        # padding past the cache's end is parked on its last position, which a request reaches only
+        # at its final token (prompt plus max_tokens fits) and writes then
+        positions = positions.clamp(max=self.max_len - 1)
+        return self._forward(torch.tensor(slots), ids, positions, torch.tensor([len(c) - 1 for c in chunks]))
 
     @torch.inference_mode()
     def decode(self, slots: list[int], tokens: list[int], positions: list[int]) -> torch.Tensor:
         """One new token for each request: `tokens[b]` sits at `positions[b]` of slot `slots[b]`.
         Returns the next-token logits [len(slots), vocab]."""
+        self._check(max(positions))
         return self._forward(torch.tensor(slots), torch.tensor(tokens).unsqueeze(1),
-                             torch.tensor(positions).unsqueeze(1))
+                             torch.tensor(positions).unsqueeze(1), torch.zeros(len(slots), dtype=torch.long))
 
-    def _forward(self, slots: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """slots [B], ids and positions [B, T] -> logits of each row's last token [B, vocab]."""
-        if int(positions.max()) >= self.max_len:
-            raise LowbitError(f"position {int(positions.max())} is beyond the cache's {self.max_len}")
+    def _check(self, position: int) -> None:
+        if position >= self.max_len:
+            raise LowbitError(f"position {position} is beyond the cache's {self.max_len}")
+
+    def _forward(self, slots: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
+                 last: torch.Tensor) -> torch.Tensor:
+        """slots [B], ids and positions [B, T] -> logits at each row's index `last[b]` [B, vocab]."""
         h = self.base.embed_tokens(ids)
         cos, sin = self.base.rotary_emb(h, position_ids=positions)
         seen = int(positions.max()) + 1  # keys past every row's position are masked anyway
@@ -98,7 +115,7 @@ class BatchDecoder:
             h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin,
                                     slots, positions, visible, seen)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
-        h = self.base.norm(h[:, -1:])
+        h = self.base.norm(h[torch.arange(len(last)), last][:, None])
         logits = self.model.lm_head(h)[:, 0]
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 

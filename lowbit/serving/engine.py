@@ -1,10 +1,11 @@
 """The continuous-batching step loop (vLLM's shape, in one thread): a request is a small object
 with state, and each step of the scheduler
 
-    admits waiting requests into free cache slots          (at a token boundary, never mid-step)
+    admits waiting requests into free cache slots    (at a token boundary, never mid-step)
     drops cancelled ones, freeing their slots at once
-    runs one prefill chunk of one admitted request         (a long prompt never stalls decoding)
-    runs ONE decode forward for every running request      (runtime/batch.py, mixed positions)
+    runs one padded forward of admitted prompts' next chunks (at most 2 x prefill_chunk
+                                                     tokens, so a long prompt stalls no one long)
+    runs ONE decode forward for every running request (runtime/batch.py, mixed positions)
     samples each row with its own options, releases text, ends finished requests
 
 so a new request never waits for another to finish. Sampling, stop strings and the UTF-8
@@ -184,14 +185,21 @@ class Engine:
 
     def _step(self, batch: list[Request]) -> None:
         running = [r for r in batch if r.state == "running"]
-        prefill = next((r for r in batch if r.state == "prefill"), None)
-        if prefill is not None:  # one chunk per step, so running requests keep their pace
-            chunk = prefill.ids[prefill.prefilled:prefill.prefilled + self.prefill_chunk]
-            logits = self.decoder.prefill(prefill.slot, chunk, start=prefill.prefilled)
-            prefill.prefilled += len(chunk)
-            if prefill.prefilled == len(prefill.ids):
-                prefill.state = "running"
-                self._emit(prefill, logits)
+        take, width = [], 0  # prompt pieces for one padded forward, within the token budget
+        for r in (r for r in batch if r.state == "prefill"):
+            piece = r.ids[r.prefilled:r.prefilled + self.prefill_chunk]
+            if take and (len(take) + 1) * max(width, len(piece)) > self.prefill_chunk * 2:
+                break
+            take.append((r, piece))
+            width = max(width, len(piece))
+        if take:  # so running requests keep their pace while long prompts come in
+            logits = self.decoder.prefill_many([r.slot for r, _ in take], [p for _, p in take],
+                                               [r.prefilled for r, _ in take])
+            for (r, piece), row in zip(take, logits):
+                r.prefilled += len(piece)
+                if r.prefilled == len(r.ids):
+                    r.state = "running"
+                    self._emit(r, row)
         if running:
             logits = self.decoder.decode([r.slot for r in running], [r.token_ids[-1] for r in running],
                                          [len(r.ids) + len(r.token_ids) - 1 for r in running])
