@@ -170,9 +170,8 @@ class StopText:
             self.text, self.stopped = text[:min(hits)], True
             return ""
         self.text = text
-        final = len(text) - _held_back(text, self.stop)
-        if text[:final].endswith("\ufffd"):  # an unfinished UTF-8 character
-            final -= 1
+        final = len(text) - text.endswith("\ufffd")  # maybe an unfinished UTF-8 character, and
+        final -= _held_back(text[:final], self.stop)  # before it maybe the start of a stop string
         if final <= self.emitted:
             return ""
         piece, self.emitted = text[self.emitted:final], final

@@ -213,7 +213,7 @@ class Engine:
         r.token_times.append(time.perf_counter())
         r.token_ids.append(token)
         r.logprobs.append(float(torch.log_softmax(logits.float(), -1)[token]))
-        reason = None
+        reason, piece = None, ""
         if token in self.eos and not o.ignore_eos:
             reason = "eos"
         else:
@@ -226,10 +226,11 @@ class Engine:
                 _notify(r, piece)
         if reason is not None:
             with self._cond:
-                self._finish(r, reason)
+                self._finish(r, reason, piece)
 
-    def _finish(self, r: Request, reason: str) -> None:
-        """End a request (the lock held): free its slot, deliver the held-back text."""
+    def _finish(self, r: Request, reason: str, piece: str = "") -> None:
+        """End a request (the lock held): free its slot, deliver `piece` (the last token's text)
+        and whatever was held back."""
         if r.state == "done":
             return
         if r in self._active:
@@ -237,7 +238,7 @@ class Engine:
             self._free.append(r.slot)
         r.state, r.finish_reason, r.finished_step = "done", reason, self.steps
         self._cond.notify_all()
-        _notify(r, r.text.rest() if reason in ("eos", "stop", "length") else "")
+        _notify(r, piece + r.text.rest() if reason in ("eos", "stop", "length") else "")
 
 
 def _notify(r: Request, piece: str) -> None:
