@@ -117,12 +117,19 @@ def serve(argv: list[str], env: dict[str, str], health_url: str,
           timeout: float = HEALTH_TIMEOUT) -> int:
     """Run the vLLM server until it exits; SIGINT/SIGTERM are passed to it. Returns its status."""
     proc = subprocess.Popen(argv, env={**os.environ, **env})
-    forward = lambda signum, _frame: proc.send_signal(signum)
+    signals: list[int] = []
+
+    def forward(signum, _frame):
+        signals.append(signum)
+        proc.send_signal(signum)
+
     previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         deadline = time.monotonic() + timeout
         while not _healthy(health_url):
             if proc.poll() is not None:
+                if signals:  # stopped on request while starting
+                    return proc.returncode
                 raise LowbitError(f"vLLM exited with status {proc.returncode} before it was ready "
                                   "(its messages are above)")
             if time.monotonic() > deadline:
