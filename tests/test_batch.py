@@ -104,3 +104,22 @@ def test_prompts_of_different_lengths_prefill_in_one_forward():
     decoder.prefill_many([0, 1], [long[36:39], short[:16]], [36, 0])
     ours = decoder.decode([0, 1], [long[39], short[16]], [39, 16])
     assert (ours - _alone(model, [long, short])).abs().max() < TOL
+
+
+def test_a_quantized_checkpoint_with_an_fp8_kv_cache_decodes_as_it_runs_alone(tiny_dir, tmp_path):
+    # packed INT4 Linears and the simulated FP8 cache, as lowbit.load runs them; float32, so the
+    # bound is float32 rounding of logits of size ~1 over 2 layers (seen: ~1e-6), far below the
+    # 1e-2 an unapplied FP8 cache or a wrong position moves them
+    import lowbit
+    from lowbit.runtime.load import load_model
+
+    data = tmp_path / "calib.txt"
+    data.write_text("\n\n".join(f"record {i}: " + "the quick brown fox jumps " * (i % 5 + 2) for i in range(40)))
+    out = tmp_path / "w4-kv"
+    lowbit.quantize(tiny_dir("qwen3"), out, "W4A16", dataset=str(data), samples=4, seq_len=32,
+                    group_size=32, kv_cache="fp8", algorithm="rtn")
+    model = load_model(out, torch.float32, packed=True)
+    assert any(type(m).__name__ == "Int4Linear" for m in model.modules())
+    assert all("_lowbit_kv_hook" in layer.self_attn.__dict__ for layer in model.model.layers)
+    seqs = _sequences()
+    assert (_batched(model, seqs) - _alone(model, seqs)).abs().max() < 1e-4
