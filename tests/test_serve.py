@@ -6,6 +6,7 @@ waiting; a client that leaves frees its slot; a full queue is 429 with Retry-Aft
 from __future__ import annotations
 
 import json
+import socket
 import threading
 
 import httpx2 as httpx
@@ -134,6 +135,7 @@ BAD = [  # (body, status, the param named in the error)
     ({"model": "tiny", "prompt": 42}, 400, "prompt"),
     ({"model": "tiny", "prompt": PROMPT, "n": 2}, 400, "n"),
     ({"model": "tiny", "prompt": PROMPT, "stop": [1]}, 400, "stop"),
+    ({"model": "tiny", "prompt": PROMPT, "seed": 2**70}, 400, "seed"),
     ({"prompt": PROMPT}, 400, "model"),
     ({"model": "gpt-4", "prompt": PROMPT}, 404, "model"),
     ({"model": "tiny", "prompt": PROMPT, "max_tokens": 1000}, 400, None),  # beyond the context
@@ -158,6 +160,7 @@ def test_bad_chat_messages_and_oversized_bodies(tiny):
     assert _post(base, big).status_code == 413
     assert httpx.get(base + "/v1/nothing").json()["error"]["message"]  # 404 in OpenAI's shape too
     assert _post(base, {"model": "tiny", "prompt": PROMPT, "max_tokens": 2}).status_code == 200
+    assert metric(base, 'lowbit_request_errors_total{status="413"}') >= 1
 
 
 def test_an_api_key_is_required_when_set(tiny):
@@ -211,6 +214,20 @@ def test_a_client_that_disconnects_frees_its_slot(tiny, monkeypatch):
     assert seen[0].finish_reason == "cancelled" and len(seen[0].token_ids) < 240
     assert engine.running == 0 and len(engine._free) == engine.max_batch
     assert _post(base, {"model": "tiny", "prompt": PROMPT, "max_tokens": 2}).status_code == 200
+
+
+def test_a_client_that_leaves_before_a_whole_answer_frees_its_slot(tiny, monkeypatch):
+    base, engine = tiny[0], tiny[1]
+    seen = _recording(monkeypatch, engine)
+    body = json.dumps({"model": "tiny", "prompt": "a", "max_tokens": 240, "ignore_eos": True}).encode()
+    host, port = base.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:  # a non-streaming request, then gone
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  b"content-length: %d\r\n\r\n%s" % (len(body), body))
+        assert wait_for(lambda: seen and len(seen[0].token_ids) > 0)
+    assert wait_for(lambda: seen[0].state == "done")
+    assert seen[0].finish_reason == "cancelled" and len(seen[0].token_ids) < 240
+    assert wait_for(lambda: engine.running == 0)
 
 
 def test_a_full_queue_gets_429_with_retry_after(tiny_dir, monkeypatch):

@@ -40,6 +40,8 @@ class _Metrics:
     def __init__(self, engine: Engine):
         self.registry = r = CollectorRegistry()
         self.requests = Counter("lowbit_requests", "Finished requests by outcome", ["outcome"], registry=r)
+        self.errors = Counter("lowbit_request_errors", "Requests refused, by HTTP status", ["status"],
+                              registry=r)
         self.prompt_tokens = Counter("lowbit_prompt_tokens", "Prompt tokens processed", registry=r)
         self.generation_tokens = Counter("lowbit_generation_tokens", "Tokens generated", registry=r)
         buckets = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -116,6 +118,7 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
 
     @app.exception_handler(ApiError)
     async def api_error(_, e: ApiError):
+        metrics.errors.labels(str(e.status)).inc()
         return _error(e.status, str(e), e.kind, e.param, e.code, e.headers)
 
     @app.exception_handler(HTTPException)

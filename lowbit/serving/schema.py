@@ -47,12 +47,12 @@ def _number(body: dict, name: str, default, low: float, high: float):
     return value
 
 
-def _int(body: dict, name: str, default, low: int = 0):
+def _int(body: dict, name: str, default, low: int = 0, high: int | None = None):
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, int) or value < low:
-        raise _bad(name, f"an integer >= {low}")
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        raise _bad(name, f"an integer >= {low}" + (f" and <= {high}" if high is not None else ""))
     return value
 
 
@@ -87,7 +87,7 @@ def _common(body: dict, model: str, prompt, max_tokens, logprobs: bool) -> Param
     if top_p == 0:
         raise _bad("top_p", "in (0, 1]")
     return Params(prompt, max_tokens, float(_number(body, "temperature", 1.0, 0.0, 2.0)), float(top_p),
-                  top_k, _int(body, "seed", None, low=-(2**63)), tuple(stop or ()),
+                  top_k, _int(body, "seed", None, -(2**63), 2**64 - 1), tuple(stop or ()),
                   _bool(body, "ignore_eos"), _bool(body, "stream"),
                   bool(options and _bool(options, "include_usage")), logprobs)
 
