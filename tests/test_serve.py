@@ -230,7 +230,7 @@ def test_a_client_that_leaves_before_a_whole_answer_frees_its_slot(tiny, monkeyp
     assert wait_for(lambda: engine.running == 0)
 
 
-def test_a_full_queue_gets_429_with_retry_after(tiny_dir, monkeypatch):
+def test_a_full_queue_gets_429_and_a_draining_server_503_with_retry_after(tiny_dir, monkeypatch):
     path = tiny_dir("llama")
     engine = Engine(load_model(path, torch.float32), load_tokenizer(path), max_batch=1, max_len=64,
                     max_waiting=1)
@@ -248,6 +248,9 @@ def test_a_full_queue_gets_429_with_retry_after(tiny_dir, monkeypatch):
             gate.set()
             assert _post(base, {"model": "tiny", "prompt": PROMPT, "max_tokens": 2}).status_code == 200
             assert busy.finish_reason == queued.finish_reason == "length"
+            assert engine.drain(10)  # what SIGTERM does: in-flight requests done, no new ones
+            r = _post(base, {"model": "tiny", "prompt": PROMPT, "max_tokens": 2})
+            assert r.status_code == 503 and r.headers["retry-after"] == "1"
     finally:
         gate.set()
         engine.close()
