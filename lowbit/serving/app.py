@@ -156,7 +156,7 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
         body = await _json_body(request)
         p = (chat_params if chat else completion_params)(body, model_name)
         try:
-            ids = engine.encode(p.prompt)
+            ids = await asyncio.to_thread(engine.encode, p.prompt)  # a long prompt blocks no stream
             max_tokens = p.max_tokens or max(1, engine.max_len - len(ids))  # chat: the rest
             opts = options(max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop, p.ignore_eos)
         except LowbitError as e:
