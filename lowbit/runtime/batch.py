@@ -17,6 +17,7 @@ occupant left in a slot beyond that is masked, so freeing a slot costs nothing.
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import torch
@@ -26,7 +27,8 @@ from torch import nn
 from ..errors import LowbitError
 
 PREFILL_CHUNK = 256  # prompt tokens per forward during prefill
-FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3")  # decoder layers of the Llama shape
+# decoder layers of the Llama shape, and Gemma 2/3's (norms around attention and MLP, soft-capping)
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "phi3", "gemma", "gemma2", "gemma3_text")
 
 
 def _text_config(model: nn.Module):
@@ -55,8 +57,7 @@ class BatchDecoder:
         family = getattr(c, "model_type", "?")
         if family not in FAMILIES:
             raise LowbitError(f"batched serving runs {', '.join(FAMILIES)} models; {family!r} is not "
-                              "one of them (Gemma's scaled embedding, soft-capping and extra norms "
-                              "are not written here): use --engine vllm")
+                              "one of them: use --engine vllm")
         limit = getattr(c, "max_position_embeddings", None)
         if limit and max_len > limit:
             raise LowbitError(f"max_len {max_len} is beyond the model's {limit} positions")
@@ -67,6 +68,8 @@ class BatchDecoder:
         attn = self.base.layers[0].self_attn
         # each family's own rotation (Phi-3's handles a partial rotary dimension)
         self._rotate = sys.modules[type(attn).__module__].apply_rotary_pos_emb
+        # Gemma 3: local and global layers rotate with different frequencies
+        self._layer_types = "layer_type" in inspect.signature(self.base.rotary_emb.forward).parameters
 
     @torch.inference_mode()
     def prefill(self, slot: int, ids: list[int], start: int = 0, chunk: int | None = None) -> torch.Tensor:
@@ -107,16 +110,28 @@ class BatchDecoder:
     def _forward(self, slots: torch.Tensor, ids: torch.Tensor, positions: torch.Tensor,
                  last: torch.Tensor) -> torch.Tensor:
         """slots [B], ids and positions [B, T] -> logits at each row's index `last[b]` [B, vocab]."""
-        h = self.base.embed_tokens(ids)
-        cos, sin = self.base.rotary_emb(h, position_ids=positions)
+        h = self.base.embed_tokens(ids)  # Gemma's embedding module scales by sqrt(hidden) itself
+        rope = {}
         seen = int(positions.max()) + 1  # keys past every row's position are masked anyway
         visible = torch.arange(seen)[None, None, :] <= positions[:, :, None]  # [B, T, seen]
         for i, layer in enumerate(self.base.layers):
-            h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), cos, sin,
-                                    slots, positions, visible, seen)
+            kind = getattr(layer.self_attn, "layer_type", None) if self._layer_types else None
+            if kind not in rope:
+                rope[kind] = self.base.rotary_emb(h, positions, **({"layer_type": kind} if kind else {}))
+            if hasattr(layer, "pre_feedforward_layernorm"):  # Gemma: a norm before and after each
+                a = self._attention(i, layer.self_attn, layer.input_layernorm(h), *rope[kind], slots,
+                                    positions, visible, seen)
+                h = h + layer.post_attention_layernorm(a)
+                h = h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+                continue
+            h = h + self._attention(i, layer.self_attn, layer.input_layernorm(h), *rope[kind], slots,
+                                    positions, visible, seen)
             h = h + layer.mlp(layer.post_attention_layernorm(h))
         h = self.base.norm(h[torch.arange(len(last)), last][:, None])
         logits = self.model.lm_head(h)[:, 0]
+        cap = getattr(self.config, "final_logit_softcapping", None)
+        if cap:  # Gemma 2
+            logits = torch.tanh(logits / cap) * cap
         return logits.to(torch.promote_types(logits.dtype, torch.float32))
 
     def _attention(self, i: int, attn: nn.Module, x: torch.Tensor, cos, sin, slots, positions,
@@ -131,7 +146,7 @@ class BatchDecoder:
         else:
             q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
         q, k, v = (t.view(B, T, -1, d) for t in (q, k, v))
-        if hasattr(attn, "q_norm"):  # Qwen3: RMSNorm over each head before RoPE
+        if hasattr(attn, "q_norm"):  # Qwen3, Gemma 3: RMSNorm over each head before RoPE
             q, k = attn.q_norm(q), attn.k_norm(k)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [B, heads, T, d]
         q, k = self._rotate(q, k, cos, sin)
@@ -147,11 +162,19 @@ class BatchDecoder:
         window = self._window(attn)
         if window:  # transformers: key j is seen from query i when j > i - window
             mask = mask & (torch.arange(seen)[None, None, :] > positions[:, :, None] - window)
-        out = F.scaled_dot_product_attention(q, K.to(q.dtype), V.to(q.dtype), attn_mask=mask[:, None],
-                                             scale=attn.scaling, enable_gqa=True)
+        K, V, mask = K.to(q.dtype), V.to(q.dtype), mask[:, None]
+        cap = getattr(attn, "attn_logit_softcapping", None) or getattr(self.config, "attn_logit_softcapping", None)
+        if cap:  # Gemma 2 caps the scores with tanh before the softmax, which SDPA cannot do
+            K, V = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (K, V))
+            scores = torch.tanh(q @ K.transpose(2, 3) * attn.scaling / cap) * cap
+            probs = scores.masked_fill(~mask, float("-inf")).softmax(
+                -1, dtype=torch.promote_types(q.dtype, torch.float32))
+            out = probs.to(q.dtype) @ V
+        else:
+            out = F.scaled_dot_product_attention(q, K, V, attn_mask=mask, scale=attn.scaling, enable_gqa=True)
         return attn.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
     def _window(self, attn: nn.Module) -> int | None:
-        if hasattr(attn, "sliding_window"):  # Qwen2/3 set it per layer (None on full layers)
+        if hasattr(attn, "sliding_window"):  # Qwen2/3, Gemma set it per layer (None on full layers)
             return attn.sliding_window
         return getattr(self.config, "sliding_window", None)  # Mistral, Phi-3: every layer
