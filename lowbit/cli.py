@@ -198,9 +198,10 @@ def _cmd_serve(a: argparse.Namespace) -> int:
                                  on_gpu=on_gpu, isa=isa)
         print(f"starting vLLM: {' '.join(argv)}", file=sys.stderr)
         return vllm.serve(argv, env, f"http://{a.host}:{a.port}/health")
-    from .serving.app import build_app, run
+    from .serving.app import build_app, check_address, run
     from .serving.engine import Engine
 
+    check_address(a.host, a.port)
     engine = Engine.load(a.model, a.compute_dtype, max_batch=a.max_batch or 8,
                          max_len=a.max_len or 2048, max_waiting=a.max_waiting)
     print(f"serving {a.model} as {name!r} at http://{a.host}:{a.port}/v1 (lowbit engine, "

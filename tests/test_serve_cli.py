@@ -87,6 +87,14 @@ def test_a_missing_vllm_is_said_in_one_line(tiny_dir, no_vllm):
     assert vllm.vllm_python("auto", tiny_dir("llama"), AVX512, False) is None  # auto: lowbit's engine
 
 
+def test_a_port_in_use_is_said_in_one_line_before_loading(tiny_dir):
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        code, _, err = run_cli("serve", tiny_dir("llama"), "--engine", "lowbit", "--port", port)
+    assert code == 2 and err.startswith(f"lowbit: error: cannot listen on 127.0.0.1:{port}")
+    assert err.count("\n") == 1
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

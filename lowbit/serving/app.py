@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import json
 import secrets
+import socket
 import time
 import uuid
 
@@ -276,6 +277,16 @@ class _Shape:
             choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
         return {"id": self.rid, "object": self.object, "created": self.created, "model": self.model,
                 "choices": [choice], "usage": self.usage(req)}
+
+
+def check_address(host: str, port: int) -> None:
+    """LowbitError now, before a model is loaded, if nothing can listen on host:port."""
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as e:
+        raise LowbitError(f"cannot listen on {host}:{port}: {e.strerror or e} (another server there? "
+                          "choose --port)") from None
 
 
 def run(app: FastAPI, host: str = "127.0.0.1", port: int = 8000) -> None:
