@@ -184,9 +184,24 @@ def _recording(monkeypatch, engine) -> list:
     return seen
 
 
+def _hold(monkeypatch, engine, until) -> None:
+    """Decode steps after the first few wait for `until()`, so a long request cannot finish
+    before the event under test (however fast this machine is)."""
+    decode, steps = engine.decoder.decode, []
+
+    def held(*a):
+        steps.append(1)
+        if len(steps) > 3:
+            assert wait_for(until, 30)
+        return decode(*a)
+
+    monkeypatch.setattr(engine.decoder, "decode", held)
+
+
 def test_a_short_request_joins_a_running_long_one_and_finishes_first(tiny, monkeypatch):
     base, engine = tiny[0], tiny[1]
     seen = _recording(monkeypatch, engine)
+    _hold(monkeypatch, engine, lambda: len(seen) == 2)  # the short one has come
     long_body = {"model": "tiny", "prompt": "a", "max_tokens": 240, "temperature": 0, "ignore_eos": True,
                  "stream": True}
     with httpx.stream("POST", base + "/v1/completions", json=long_body, timeout=60) as r:
@@ -204,6 +219,7 @@ def test_a_short_request_joins_a_running_long_one_and_finishes_first(tiny, monke
 def test_a_client_that_disconnects_frees_its_slot(tiny, monkeypatch):
     base, engine = tiny[0], tiny[1]
     seen = _recording(monkeypatch, engine)
+    _hold(monkeypatch, engine, lambda: seen[0].cancelled)
     body = {"model": "tiny", "prompt": "a", "max_tokens": 240, "ignore_eos": True, "stream": True}
     with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():
@@ -219,6 +235,7 @@ def test_a_client_that_disconnects_frees_its_slot(tiny, monkeypatch):
 def test_a_client_that_leaves_before_a_whole_answer_frees_its_slot(tiny, monkeypatch):
     base, engine = tiny[0], tiny[1]
     seen = _recording(monkeypatch, engine)
+    _hold(monkeypatch, engine, lambda: seen[0].cancelled)
     body = json.dumps({"model": "tiny", "prompt": "a", "max_tokens": 240, "ignore_eos": True}).encode()
     host, port = base.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port))) as s:  # a non-streaming request, then gone
