@@ -214,6 +214,30 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def _add_serve(sub) -> None:
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a checkpoint",
+                        description="Serve a checkpoint over the OpenAI API (/v1/models, "
+                        "/v1/completions, /v1/chat/completions with streaming; /health, /metrics) "
+                        "with lowbit's continuous-batching engine, or by starting vLLM.")
+    sv.add_argument("model", help="checkpoint directory (quantized or not)")
+    sv.add_argument("--engine", choices=["auto", "lowbit", "vllm"], default="auto",
+                    help="auto (default): vLLM when it is installed and has a kernel for the "
+                    "checkpoint on this machine, else lowbit")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sv.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 routes")
+    sv.add_argument("--served-model-name", metavar="NAME", help="the model name clients send "
+                    "(default: MODEL as given, as vLLM does)")
+    sv.add_argument("--max-batch", type=_positive, help="requests decoded together (lowbit: cache "
+                    "slots, default 8; vLLM: --max-num-seqs)")
+    sv.add_argument("--max-len", type=_positive, help="positions per request, prompt plus output "
+                    "(lowbit default: 2048 or the model's limit; vLLM: --max-model-len)")
+    sv.add_argument("--max-waiting", type=_positive, default=64, help="lowbit: requests queued "
+                    "beyond the batch before new ones get 429 (default: 64)")
+    _add_compute_dtype(sv, "lowbit's engine runs in")
+    sv.set_defaults(func=_cmd_serve)
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -349,27 +373,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_compute_dtype(r, "the model runs in")
     r.set_defaults(func=_cmd_generate)
 
-    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a checkpoint",
-                        description="Serve a checkpoint over the OpenAI API (/v1/models, "
-                        "/v1/completions, /v1/chat/completions with streaming; /health, /metrics) "
-                        "with lowbit's continuous-batching engine, or by starting vLLM.")
-    sv.add_argument("model", help="checkpoint directory (quantized or not)")
-    sv.add_argument("--engine", choices=["auto", "lowbit", "vllm"], default="auto",
-                    help="auto (default): vLLM when it is installed and has a kernel for the "
-                    "checkpoint on this machine, else lowbit")
-    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
-    sv.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 routes")
-    sv.add_argument("--served-model-name", metavar="NAME", help="the model name clients send "
-                    "(default: MODEL as given, as vLLM does)")
-    sv.add_argument("--max-batch", type=_positive, help="requests decoded together (lowbit: cache "
-                    "slots, default 8; vLLM: --max-num-seqs)")
-    sv.add_argument("--max-len", type=_positive, help="positions per request, prompt plus output "
-                    "(lowbit default: 2048 or the model's limit; vLLM: --max-model-len)")
-    sv.add_argument("--max-waiting", type=_positive, default=64, help="lowbit: requests queued "
-                    "beyond the batch before new ones get 429 (default: 64)")
-    _add_compute_dtype(sv, "lowbit's engine runs in")
-    sv.set_defaults(func=_cmd_serve)
+    _add_serve(sub)
 
     g = sub.add_parser("import-gguf", help="convert a GGUF file into a Hugging Face checkpoint directory")
     g.add_argument("gguf", help="the .gguf file")
