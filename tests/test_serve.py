@@ -139,6 +139,7 @@ BAD = [  # (body, status, the param named in the error)
     ({"prompt": PROMPT}, 400, "model"),
     ({"model": "gpt-4", "prompt": PROMPT}, 404, "model"),
     ({"model": "tiny", "prompt": PROMPT, "max_tokens": 1000}, 400, None),  # beyond the context
+    ({"model": "tiny", "prompt": [5, 10**6]}, 400, None),  # a token id past the vocabulary
 ]
 
 
@@ -156,6 +157,9 @@ def test_bad_chat_messages_and_oversized_bodies(tiny):
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
     r = _post(base, {"model": "tiny", "messages": [{"role": "user"}]}, "/v1/chat/completions")
     assert r.status_code == 400
+    long = _post(base, {"model": "tiny", "prompt": PROMPT, "max_tokens": 1000}).json()["error"]
+    assert long["code"] == "context_length_exceeded"  # what OpenAI clients look for
+    assert _post(base, {"model": "tiny", "prompt": [5, 10**6]}).json()["error"]["code"] is None
     big = json.dumps({"model": "tiny", "prompt": "x" * MAX_BODY}).encode()  # > 1 MB of valid JSON
     assert _post(base, big).status_code == 413
     assert httpx.get(base + "/v1/nothing").json()["error"]["message"]  # 404 in OpenAI's shape too

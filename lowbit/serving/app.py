@@ -26,7 +26,7 @@ from starlette.exceptions import HTTPException
 
 from ..errors import LowbitError
 from ..runtime.generate import options
-from .engine import Draining, Engine, QueueFull
+from .engine import Draining, Engine, QueueFull, TooLong
 from .schema import ApiError, chat_params, completion_params
 
 MAX_BODY = 1_000_000  # bytes; a request body beyond this is refused with 413 before it is parsed
@@ -162,6 +162,8 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
             opts = options(max_tokens, p.temperature, p.top_p, p.top_k, p.seed, p.stop, p.ignore_eos)
         except LowbitError as e:
             raise ApiError(400, str(e)) from None
+        except Exception as e:  # the chat template's own checks (roles, alternation) raise
+            raise ApiError(400, f"the prompt could not be encoded: {type(e).__name__}: {e}") from None
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         on_event = lambda r, piece: loop.call_soon_threadsafe(queue.put_nowait, (piece, r.state == "done"))
         try:
@@ -170,8 +172,10 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
             raise ApiError(429, str(e), "rate_limit_error", headers={"Retry-After": RETRY_AFTER}) from None
         except Draining as e:
             raise ApiError(503, str(e), "service_unavailable", headers={"Retry-After": RETRY_AFTER}) from None
-        except LowbitError as e:
+        except TooLong as e:
             raise ApiError(400, str(e), code="context_length_exceeded") from None
+        except LowbitError as e:
+            raise ApiError(400, str(e)) from None
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
         shape = _Shape(rid, model_name, chat, engine.tokenizer)
         if p.stream:

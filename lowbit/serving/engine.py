@@ -38,6 +38,10 @@ class QueueFull(LowbitError):
     """Every slot is busy and the waiting queue is at its limit: retry later."""
 
 
+class TooLong(LowbitError):
+    """The prompt plus max_tokens does not fit the positions a request may hold."""
+
+
 class Draining(LowbitError):
     """The engine is finishing its requests before shutting down and takes no new ones."""
 
@@ -86,6 +90,7 @@ class Engine:
         self.tokenizer, self.max_len = tokenizer, self.decoder.max_len
         self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
         self.eos = eos_ids(model, tokenizer)
+        self.vocab_size = self.decoder.base.embed_tokens.num_embeddings
         self.steps = 0
         self._cond = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
@@ -115,9 +120,12 @@ class Engine:
 
     def submit(self, ids: list[int], options: Options,
                on_event: Callable[[Request, str], None] | None = None) -> Request:
-        """Queue a completion of token ids; QueueFull, Draining, or LowbitError if it cannot fit."""
+        """Queue a completion of token ids; QueueFull, Draining, TooLong, or LowbitError for ids
+        outside the vocabulary."""
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            raise LowbitError(f"token ids must be in [0, {self.vocab_size}): the model's vocabulary")
         if len(ids) + options.max_tokens > self.max_len:
-            raise LowbitError(f"the prompt ({len(ids)} tokens) plus max_tokens ({options.max_tokens}) "
+            raise TooLong(f"the prompt ({len(ids)} tokens) plus max_tokens ({options.max_tokens}) "
                               f"is beyond the {self.max_len} positions this server holds per "
                               "request: shorten the prompt or lower max_tokens")
         r = Request(list(ids), options, on_event)
