@@ -205,7 +205,8 @@ def _cmd_serve(a: argparse.Namespace) -> int:
     engine = Engine.load(a.model, a.compute_dtype, max_batch=a.max_batch or 8,
                          max_len=a.max_len or 2048, max_waiting=a.max_waiting)
     print(f"serving {a.model} as {name!r} at http://{a.host}:{a.port}/v1 (lowbit engine, "
-          f"{a.max_batch or 8} slots of {engine.max_len} positions, {engine.decoder.dtype}); "
+          f"{a.max_batch or 8} slots of {engine.max_len} positions, KV cache "
+          f"{engine.decoder.cache.bytes / 2**20:.0f} MiB, {engine.decoder.dtype}); "
           "Ctrl-C or SIGTERM finishes in-flight requests and exits", file=sys.stderr)
     try:
         run(build_app(engine, name, a.api_key), a.host, a.port)

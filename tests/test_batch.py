@@ -154,3 +154,11 @@ def test_gemma2_soft_caps_attention_scores():
         layer.self_attn.attn_logit_softcapping = None
     model.config.attn_logit_softcapping = None
     assert (_batched(model, seqs) - theirs).abs().max() > 1e-3
+
+
+def test_a_cache_too_big_to_allocate_says_what_to_lower():
+    # 2^34 slots: 2 PiB (keys and values, 2 layers, float32), beyond any x86-64 address space,
+    # so the allocation fails at once
+    with pytest.raises(LowbitError, match="KV cache for 17179869184 requests of 256 positions needs "
+                       r"2097152\.0 GiB.*--max-batch"):
+        BatchDecoder(tiny_model("llama"), slots=2**34, max_len=256)

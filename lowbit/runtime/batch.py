@@ -44,8 +44,14 @@ class SlotCache:
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         shape = (slots, kv_heads, max_len, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype) for _ in range(c.num_hidden_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype) for _ in range(c.num_hidden_layers)]
+        self.bytes = 2 * c.num_hidden_layers * slots * kv_heads * max_len * head_dim * dtype.itemsize
+        try:
+            self.keys = [torch.zeros(shape, dtype=dtype) for _ in range(c.num_hidden_layers)]
+            self.values = [torch.zeros(shape, dtype=dtype) for _ in range(c.num_hidden_layers)]
+        except (RuntimeError, MemoryError):  # torch reports a failed allocation as RuntimeError
+            raise LowbitError(f"the KV cache for {slots} requests of {max_len} positions needs "
+                              f"{self.bytes / 2**30:.1f} GiB, more than this machine could allocate: "
+                              "lower --max-batch or --max-len") from None
         self.slots, self.max_len = slots, max_len
 
 
