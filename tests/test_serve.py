@@ -112,6 +112,19 @@ def test_a_seed_makes_sampling_reproducible(client):
     assert run(7) == run(7) and run(7) != run(8)
 
 
+def test_each_request_in_a_batch_samples_with_its_own_options(tiny):
+    _, engine, model, tok = tiny
+    kinds = [dict(max_tokens=20), dict(max_tokens=20, temperature=1.0, top_k=20, seed=3),
+             dict(max_tokens=12, temperature=0.7, top_p=0.9, seed=5), dict(max_tokens=20, temperature=1.5, seed=3)]
+    prompts = [PROMPT, "hello", [{"role": "user", "content": "hi"}], PROMPT]
+    reqs = [engine.submit(engine.encode(p), options(**k, ignore_eos=True)) for p, k in zip(prompts, kinds)]
+    assert wait_for(lambda: all(r.state == "done" for r in reqs))
+    assert max(r.admitted_step for r in reqs) < min(r.finished_step for r in reqs)  # one batch
+    for p, k, r in zip(prompts, kinds, reqs):
+        alone = lowbit.generate(model, p, tokenizer=tok, ignore_eos=True, **k)
+        assert r.token_ids == alone.token_ids and r.text.text == alone.text
+
+
 def test_a_stop_string_ends_the_text_before_it(client, tiny):
     _, _, model, tok = tiny
     full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0,
