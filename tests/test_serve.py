@@ -104,6 +104,11 @@ def test_logprobs_are_the_models_log_probabilities_of_the_chosen_tokens(client, 
     chat = client.chat.completions.create(model="tiny", messages=CHAT, max_tokens=4, temperature=0,
                                           logprobs=True, extra_body={"ignore_eos": True})
     assert len(chat.choices[0].logprobs.content) == 4
+    streamed = [c.choices[0].logprobs for c in client.completions.create(
+        model="tiny", prompt=PROMPT, max_tokens=6, temperature=0, logprobs=1, stream=True,
+        extra_body={"ignore_eos": True}) if c.choices[0].logprobs]
+    assert sum((c.token_logprobs for c in streamed), []) == lp.token_logprobs  # each token once
+    assert sum((c.text_offset for c in streamed), []) == lp.text_offset
 
 
 def test_a_seed_makes_sampling_reproducible(client):

@@ -27,11 +27,10 @@ from starlette.exceptions import HTTPException
 from ..errors import LowbitError
 from ..runtime.generate import options
 from .engine import Draining, Engine, QueueFull, TooLong
-from .schema import ApiError, chat_params, completion_params
+from .schema import FINISH, ApiError, Shape, chat_params, completion_params
 
 MAX_BODY = 1_000_000  # bytes; a request body beyond this is refused with 413 before it is parsed
 RETRY_AFTER = "1"  # seconds; a full queue drains at decode speed
-FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "abort", "error": "abort"}
 
 
 class _Metrics:
@@ -165,7 +164,9 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
         except Exception as e:  # the chat template's own checks (roles, alternation) raise
             raise ApiError(400, f"the prompt could not be encoded: {type(e).__name__}: {e}") from None
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        on_event = lambda r, piece: loop.call_soon_threadsafe(queue.put_nowait, (piece, r.state == "done"))
+        # (text, ended, tokens so far) read on the engine thread, when they are true
+        on_event = lambda r, piece: loop.call_soon_threadsafe(
+            queue.put_nowait, (piece, r.state == "done", len(r.token_ids)))
         try:
             req = engine.submit(ids, opts, on_event)
         except QueueFull as e:
@@ -177,7 +178,7 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
         except LowbitError as e:
             raise ApiError(400, str(e)) from None
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        shape = _Shape(rid, model_name, chat, engine.tokenizer)
+        shape = Shape(rid, model_name, chat, engine.tokenizer)
         if p.stream:
             return StreamingResponse(_events(engine, req, queue, shape, p, metrics),
                                      media_type="text/event-stream")
@@ -210,7 +211,7 @@ def build_app(engine: Engine, model_name: str, api_key: str | None = None) -> Fa
 async def _collect(queue: asyncio.Queue) -> str:
     text = []
     while True:
-        piece, done = await queue.get()
+        piece, done, _ = await queue.get()
         text.append(piece)
         if done:
             return "".join(text)
@@ -222,13 +223,16 @@ async def _events(engine: Engine, req, queue: asyncio.Queue, shape, p, metrics):
     try:
         if shape.chat:
             yield shape.sse(shape.chunk("", None, role=True))
+        sent = 0  # tokens whose log-probs went out with earlier pieces
         while True:
-            piece, done = await queue.get()
+            piece, done, n = await queue.get()
             if piece:
-                yield shape.sse(shape.chunk(piece, None))
+                yield shape.sse(shape.chunk(piece, None, lp=shape.logprobs(req, sent, n) if p.logprobs else None))
+                sent = n
             if done:
                 break
-        yield shape.sse(shape.chunk("", FINISH[req.finish_reason]))
+        rest = shape.logprobs(req, sent, n) if p.logprobs and n > sent else None  # e.g. an EOS
+        yield shape.sse(shape.chunk("", FINISH[req.finish_reason], lp=rest))
         if p.include_usage:
             yield shape.sse({**shape.chunk("", None), "choices": [], "usage": shape.usage(req)})
         yield "data: [DONE]\n\n"
@@ -238,49 +242,6 @@ async def _events(engine: Engine, req, queue: asyncio.Queue, shape, p, metrics):
             metrics.requests.labels("cancelled").inc()
         else:
             metrics.finished(req)
-
-
-class _Shape:
-    """OpenAI's response objects for one request (completion or chat, whole or streamed)."""
-
-    def __init__(self, rid: str, model: str, chat: bool, tokenizer):
-        self.rid, self.model, self.chat, self.tokenizer = rid, model, chat, tokenizer
-        self.created = int(time.time())
-        self.object = "chat.completion" if chat else "text_completion"
-
-    @staticmethod
-    def sse(obj: dict) -> str:
-        return f"data: {json.dumps(obj)}\n\n"
-
-    @staticmethod
-    def usage(req) -> dict:
-        n, m = len(req.ids), len(req.token_ids)
-        return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
-
-    def chunk(self, text: str, finish: str | None, role: bool = False) -> dict:
-        if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-        return {"id": self.rid, "object": self.object + ".chunk" if self.chat else self.object,
-                "created": self.created, "model": self.model, "choices": [choice]}
-
-    def whole(self, req, text: str, logprobs: bool) -> dict:
-        finish = FINISH[req.finish_reason]
-        tokens = [self.tokenizer.decode([t]) for t in req.token_ids] if logprobs else []
-        if self.chat:
-            lp = {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()), "top_logprobs": []}
-                              for t, v in zip(tokens, req.logprobs)]} if logprobs else None
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": lp, "finish_reason": finish}
-        else:
-            offsets = [sum(len(t) for t in tokens[:i]) for i in range(len(tokens))]
-            lp = {"tokens": tokens, "token_logprobs": req.logprobs, "text_offset": offsets,
-                  "top_logprobs": [{t: v} for t, v in zip(tokens, req.logprobs)]} if logprobs else None
-            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
-        return {"id": self.rid, "object": self.object, "created": self.created, "model": self.model,
-                "choices": [choice], "usage": self.usage(req)}
 
 
 def check_address(host: str, port: int) -> None:

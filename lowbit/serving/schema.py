@@ -1,11 +1,16 @@
-"""OpenAI request bodies read into plain parameters, with a 4xx ApiError naming the first field
-that is wrong. Written out by hand, not as pydantic models, so that every error is OpenAI's
-shape with the offending `param`, and types are strict (a string max_tokens is an error, not
-coerced)."""
+"""OpenAI's wire format: request bodies read into plain parameters, with a 4xx ApiError naming
+the first field that is wrong, and the response objects (whole and streamed). Written out by
+hand, not as pydantic models, so that every error is OpenAI's shape with the offending `param`,
+and types are strict (a string max_tokens is an error, not coerced)."""
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
+
+# the engine's reasons as OpenAI's finish_reason
+FINISH = {"eos": "stop", "stop": "stop", "length": "length", "cancelled": "abort", "error": "abort"}
 
 
 class ApiError(Exception):
@@ -128,3 +133,56 @@ def chat_params(body: dict, model: str) -> Params:
     max_tokens = _int(body, "max_completion_tokens", None, low=1)
     max_tokens = _int(body, "max_tokens", max_tokens, low=1)
     return _common(body, model, plain, max_tokens, _bool(body, "logprobs"))
+
+
+class Shape:
+    """OpenAI's response objects for one request (completion or chat, whole or streamed)."""
+
+    def __init__(self, rid: str, model: str, chat: bool, tokenizer):
+        self.rid, self.model, self.chat, self.tokenizer = rid, model, chat, tokenizer
+        self.created, self.offset = int(time.time()), 0
+        self.object = "chat.completion" if chat else "text_completion"
+
+    @staticmethod
+    def sse(obj: dict) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    @staticmethod
+    def usage(req) -> dict:
+        n, m = len(req.ids), len(req.token_ids)
+        return {"prompt_tokens": n, "completion_tokens": m, "total_tokens": n + m}
+
+    def chunk(self, text: str, finish: str | None, role: bool = False, lp: dict | None = None) -> dict:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else ({"content": text} if text else {})
+            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
+        return {"id": self.rid, "object": self.object + ".chunk" if self.chat else self.object,
+                "created": self.created, "model": self.model, "choices": [choice]}
+
+    def logprobs(self, req, start: int, end: int) -> dict:
+        """Log-probs of new tokens start..end-1 (the chosen ones only, under the model's own,
+        untempered distribution), as chat's `content` list or completions' parallel lists."""
+        tokens = [self.tokenizer.decode([t]) for t in req.token_ids[start:end]]
+        values = req.logprobs[start:end]
+        if self.chat:
+            return {"content": [{"token": t, "logprob": v, "bytes": list(t.encode()), "top_logprobs": []}
+                                for t, v in zip(tokens, values)]}
+        offsets = []
+        for t in tokens:  # offsets into the whole completion's text
+            offsets.append(self.offset)
+            self.offset += len(t)
+        return {"tokens": tokens, "token_logprobs": values, "text_offset": offsets,
+                "top_logprobs": [{t: v} for t, v in zip(tokens, values)]}
+
+    def whole(self, req, text: str, logprobs: bool) -> dict:
+        finish = FINISH[req.finish_reason]
+        lp = self.logprobs(req, 0, len(req.token_ids)) if logprobs else None
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": lp, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": lp, "finish_reason": finish}
+        return {"id": self.rid, "object": self.object, "created": self.created, "model": self.model,
+                "choices": [choice], "usage": self.usage(req)}
