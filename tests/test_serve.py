@@ -130,6 +130,24 @@ def test_each_request_in_a_batch_samples_with_its_own_options(tiny):
         assert r.token_ids == alone.token_ids and r.text.text == alone.text
 
 
+def test_long_prompts_prefill_in_chunks_between_decode_steps(tiny):
+    _, _, model, tok = tiny
+    engine = Engine(model, tok, max_batch=3, max_len=128, prefill_chunk=4)  # many chunks per prompt
+    try:
+        prompts = [PROMPT * 2, "hi", PROMPT]
+        first = engine.submit(engine.encode(prompts[1]), options(24, ignore_eos=True))
+        assert wait_for(lambda: len(first.token_ids) > 0)  # decoding while the others prefill
+        reqs = [first] + [engine.submit(engine.encode(p), options(8, ignore_eos=True)) for p in prompts[::2]]
+        assert engine.drain(30)
+        long = reqs[1]  # one 4-token chunk a step (its last one gives the first token), then 7 decodes
+        assert long.finished_step - long.admitted_step == -(-len(long.ids) // 4) - 1 + 7
+        for p, r in zip([prompts[1], prompts[0], prompts[2]], reqs):
+            alone = lowbit.generate(model, p, max_tokens=len(r.token_ids), tokenizer=tok, ignore_eos=True)
+            assert r.token_ids == alone.token_ids
+    finally:
+        engine.close()
+
+
 def test_a_stop_string_ends_the_text_before_it(client, tiny):
     _, _, model, tok = tiny
     full = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0,
