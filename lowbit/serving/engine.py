@@ -85,7 +85,8 @@ class Engine:
 
     def __init__(self, model, tokenizer, *, max_batch: int = 8, max_len: int = 2048,
                  max_waiting: int = 64, prefill_chunk: int = PREFILL_CHUNK):
-        limit = getattr(model.config, "max_position_embeddings", None) or max_len
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        limit = getattr(config, "max_position_embeddings", None) or max_len
         self.decoder = BatchDecoder(model, max_batch, min(max_len, limit))
         self.tokenizer, self.max_len = tokenizer, self.decoder.max_len
         self.max_batch, self.max_waiting, self.prefill_chunk = max_batch, max_waiting, prefill_chunk
