@@ -6,6 +6,7 @@ preallocated cache, [slots, kv_heads, max_len, head_dim] keys and values per lay
 forward takes any set of slots with a position per token:
 
     prefill(slot, ids)                          # one request's prompt into its slot, in chunks
+    prefill_many(slots, chunks, starts)         # several prompts' next chunks, padded, one forward
     decode(slots, tokens, positions)            # one token for each running request, one forward
 
 The model's own modules do the work (embedding, norms, q/k/v/o projections, which are lowbit's
