@@ -185,6 +185,62 @@ def _cmd_generate(a: argparse.Namespace) -> None:
         turn = None
 
 
+def _cmd_serve(a: argparse.Namespace) -> int:
+    import torch
+
+    from .hardware import cpu_isa
+    from .serving import vllm
+
+    name = a.served_model_name or a.model  # vLLM's default too: clients name the path
+    on_gpu, isa = torch.cuda.is_available(), cpu_isa()
+    python = vllm.vllm_python(a.engine, a.model, isa, on_gpu)
+    if python is not None:
+        argv, env = vllm.command(a.model, python=python, host=a.host, port=a.port, api_key=a.api_key,
+                                 max_batch=a.max_batch, served_model_name=name, max_len=a.max_len,
+                                 on_gpu=on_gpu, isa=isa)
+        print(f"starting vLLM: {' '.join(argv)}", file=sys.stderr)
+        return vllm.serve(argv, env, f"http://{a.host}:{a.port}/health")
+    from .serving.app import build_app, check_address, run
+    from .serving.engine import Engine
+
+    check_address(a.host, a.port)
+    engine = Engine.load(a.model, a.compute_dtype, max_batch=a.max_batch or 8,
+                         max_len=a.max_len or 2048, max_waiting=a.max_waiting)
+    print(f"serving {a.model} as {name!r} at http://{a.host}:{a.port}/v1 (lowbit engine, "
+          f"{a.max_batch or 8} slots of {engine.max_len} positions, KV cache "
+          f"{engine.decoder.cache.bytes / 2**20:.0f} MiB, {engine.decoder.dtype}); "
+          "Ctrl-C or SIGTERM finishes in-flight requests and exits", file=sys.stderr)
+    try:
+        run(build_app(engine, name, a.api_key), a.host, a.port)
+    finally:
+        engine.close()
+    return 0
+
+
+def _add_serve(sub) -> None:
+    sv = sub.add_parser("serve", help="an OpenAI-compatible HTTP server for a checkpoint",
+                        description="Serve a checkpoint over the OpenAI API (/v1/models, "
+                        "/v1/completions, /v1/chat/completions with streaming; /health, /metrics) "
+                        "with lowbit's continuous-batching engine, or by starting vLLM.")
+    sv.add_argument("model", help="checkpoint directory (quantized or not)")
+    sv.add_argument("--engine", choices=["auto", "lowbit", "vllm"], default="auto",
+                    help="auto (default): vLLM when it is installed and has a kernel for the "
+                    "checkpoint on this machine, else lowbit")
+    sv.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
+    sv.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
+    sv.add_argument("--api-key", help="require `Authorization: Bearer KEY` on /v1 routes")
+    sv.add_argument("--served-model-name", metavar="NAME", help="the model name clients send "
+                    "(default: MODEL as given, as vLLM does)")
+    sv.add_argument("--max-batch", type=_positive, help="requests decoded together (lowbit: cache "
+                    "slots, default 8; vLLM: --max-num-seqs)")
+    sv.add_argument("--max-len", type=_positive, help="positions per request, prompt plus output "
+                    "(lowbit default: 2048 or the model's limit; vLLM: --max-model-len)")
+    sv.add_argument("--max-waiting", type=_positive, default=64, help="lowbit: requests queued "
+                    "beyond the batch before new ones get 429 (default: 64)")
+    _add_compute_dtype(sv, "lowbit's engine runs in")
+    sv.set_defaults(func=_cmd_serve)
+
+
 def _positive(text: str) -> int:
     try:
         value = int(text)
@@ -319,6 +375,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ignore-eos", action="store_true", help="keep going past end-of-sequence (benchmarks)")
     _add_compute_dtype(r, "the model runs in")
     r.set_defaults(func=_cmd_generate)
+
+    _add_serve(sub)
 
     g = sub.add_parser("import-gguf", help="convert a GGUF file into a Hugging Face checkpoint directory")
     g.add_argument("gguf", help="the .gguf file")

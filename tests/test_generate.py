@@ -196,3 +196,14 @@ def test_kv_bytes_is_what_the_static_cache_allocates(llama):
     model(input_ids=torch.tensor([[5, 6, 7]]), **{gen._cache_kwarg(model): cache}, use_cache=True)
     held = sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
     assert held == kv_bytes(model, 40, 4)
+
+
+def test_a_stop_prefix_before_an_unfinished_character_is_held_back():
+    class Bytes:  # a tokenizer whose token ids are bytes
+        def decode(self, ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", "replace")
+
+    text = gen.StopText(Bytes(), (";é",))
+    pieces = [text.update(list(";".join(["ab", "é"]).encode()[:n])) for n in range(1, 6)]
+    # after "ab;" comes the first byte of "é": ";" must stay held back until "é" is whole
+    assert "".join(pieces) == "ab" and text.stopped and text.text == "ab"

@@ -41,7 +41,9 @@ class Generation:
 
 
 @dataclass(frozen=True)
-class _Options:
+class Options:
+    """One request's sampling and ending rules, checked (see options())."""
+
     max_tokens: int
     temperature: float
     top_p: float
@@ -51,7 +53,9 @@ class _Options:
     ignore_eos: bool
 
 
-def _options(max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos) -> _Options:
+def options(max_tokens, temperature=0.0, top_p=1.0, top_k=0, seed=None, stop=(),
+            ignore_eos=False) -> Options:
+    """Options from plain values; LowbitError naming the first one out of range."""
     if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
         raise LowbitError(f"max_tokens must be a positive integer, got {max_tokens!r}")
     if not temperature >= 0:  # also catches NaN
@@ -63,7 +67,7 @@ def _options(max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos) -> _
     stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
     if any(not isinstance(s, str) or not s for s in stop):
         raise LowbitError(f"stop strings must be non-empty strings, got {list(stop)!r}")
-    return _Options(max_tokens, float(temperature), float(top_p), top_k, seed, stop, ignore_eos)
+    return Options(max_tokens, float(temperature), float(top_p), top_k, seed, stop, ignore_eos)
 
 
 def model_and_tokenizer(model_or_path, tokenizer, dtype) -> tuple[nn.Module, object]:
@@ -87,7 +91,7 @@ def model_and_tokenizer(model_or_path, tokenizer, dtype) -> tuple[nn.Module, obj
     return load_model(path, dtype, packed=True), tokenizer or load_tokenizer(path)
 
 
-def _encode(tokenizer, prompt) -> list[int]:
+def encode(tokenizer, prompt) -> list[int]:
     """A string as the tokenizer encodes it (with its BOS), token ids as they are, or chat
     messages through the chat template with the assistant's turn opened."""
     if isinstance(prompt, str):
@@ -108,7 +112,7 @@ def _encode(tokenizer, prompt) -> list[int]:
     return list(ids)
 
 
-def _eos_ids(model: nn.Module, tokenizer) -> set[int]:
+def eos_ids(model: nn.Module, tokenizer) -> set[int]:
     ids: set[int] = set()
     for source in (getattr(model, "generation_config", None), model.config, tokenizer):
         value = getattr(source, "eos_token_id", None)
@@ -145,17 +149,51 @@ def _held_back(text: str, stops: tuple[str, ...]) -> int:
     return longest
 
 
+class StopText:
+    """The text of a growing list of new tokens, released piece by piece once it is final.
+
+    Stop strings are matched on the decoded text, so one split across tokens is found; text that
+    could still become a stop string (or is an unfinished UTF-8 character) is held back until a
+    later token decides it. Shared by generate() and the serving engine.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.text, self.emitted, self.stopped = "", 0, False
+
+    def update(self, token_ids: list[int]) -> str:
+        """Decode the tokens so far; the newly final text ("" if none). Sets `stopped` (and cuts
+        `text` before it) when a stop string appears."""
+        text = self.tokenizer.decode(token_ids, skip_special_tokens=True)
+        hits = [i for i in (text.find(s, max(0, self.emitted - len(s))) for s in self.stop) if i >= 0]
+        if hits:
+            self.text, self.stopped = text[:min(hits)], True
+            return ""
+        self.text = text
+        final = len(text) - text.endswith("\ufffd")  # maybe an unfinished UTF-8 character, and
+        final -= _held_back(text[:final], self.stop)  # before it maybe the start of a stop string
+        if final <= self.emitted:
+            return ""
+        piece, self.emitted = text[self.emitted:final], final
+        return piece
+
+    def rest(self) -> str:
+        """What is still held back, released at the end of the completion."""
+        piece, self.emitted = self.text[self.emitted:], len(self.text)
+        return piece
+
+
 def _cache_kwarg(model: nn.Module) -> str:
     # transformers 5 renamed past_key_values to cache in later releases
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _run(model: nn.Module, tokenizer, ids: list[int], o: _Options, out: Generation) -> Iterator[str]:
+def _run(model: nn.Module, tokenizer, ids: list[int], o: Options, out: Generation) -> Iterator[str]:
     """Generate into `out`, yielding each piece of text as soon as it is final."""
     generator = None
     if o.seed is not None:
         generator = torch.Generator().manual_seed(o.seed)
-    eos = set() if o.ignore_eos else _eos_ids(model, tokenizer)
+    eos = set() if o.ignore_eos else eos_ids(model, tokenizer)
     n = len(ids)
     cache = static_cache(model, n + o.max_tokens)
     key = _cache_kwarg(model)
@@ -170,31 +208,27 @@ def _run(model: nn.Module, tokenizer, ids: list[int], o: _Options, out: Generati
     for start in range(0, n, PREFILL_CHUNK):
         logits = forward(ids[start:start + PREFILL_CHUNK], start)
     out.prefill_seconds = time.perf_counter() - clock
-    clock, emitted, text = time.perf_counter(), 0, ""
+    clock, text = time.perf_counter(), StopText(tokenizer, o.stop)
     for step in range(o.max_tokens):
         token = pick(logits, o.temperature, o.top_k, o.top_p, generator)
         out.token_ids.append(token)
         if token in eos:
             out.finish_reason = "eos"
             break
-        text = tokenizer.decode(out.token_ids, skip_special_tokens=True)
-        hits = [i for i in (text.find(s, max(0, emitted - len(s))) for s in o.stop) if i >= 0]
-        if hits:
-            text, out.finish_reason = text[:min(hits)], "stop"
+        piece = text.update(out.token_ids)
+        if piece:
+            yield piece
+        if text.stopped:
+            out.finish_reason = "stop"
             break
-        final = len(text) - _held_back(text, o.stop)
-        if text[:final].endswith("\ufffd"):  # an unfinished UTF-8 character
-            final -= 1
-        if final > emitted:
-            yield text[emitted:final]
-            emitted = final
         if step + 1 < o.max_tokens:
             logits = forward([token], n + step)
             out.decode_steps += 1
     out.decode_seconds = time.perf_counter() - clock
-    out.text = text
-    if len(text) > emitted:
-        yield text[emitted:]
+    out.text = text.text
+    rest = text.rest()
+    if rest:
+        yield rest
 
 
 def stream(model_or_path, prompt, *, max_tokens: int = 256, temperature: float = 0.0,
@@ -203,9 +237,9 @@ def stream(model_or_path, prompt, *, max_tokens: int = 256, temperature: float =
            dtype: torch.dtype | str = "auto", result: Generation | None = None) -> Iterator[str]:
     """Yield the text of a completion piece by piece as it is generated. Arguments as for
     generate(); pass a Generation as `result` to have it filled in."""
-    o = _options(max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
+    o = options(max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
     model, tokenizer = model_and_tokenizer(model_or_path, tokenizer, dtype)
-    ids = _encode(tokenizer, prompt)
+    ids = encode(tokenizer, prompt)
     with torch.inference_mode():
         yield from _run(model, tokenizer, ids, o, result if result is not None else Generation())
 
