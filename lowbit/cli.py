@@ -86,7 +86,8 @@ def _generation_rows(g: dict | None) -> list[tuple[str, str]]:
     rows = [("generation", f"{g['prompts']} held-out prompts, <= {g['max_new_tokens']} new tokens, "
              f"greedy; 95 % intervals: bootstrap, {g['bootstrap']['resamples']} resamples")]
     for k, m in g.get("vs_baseline", {}).items():
-        rows.append((f"{k} vs baseline", f"{m['mean'] * 100:.2f}{_ci(m['ci95'], 100)}"))
+        unit = "%" if k == "exact_match" else ""
+        rows.append((f"{k.replace('_', ' ')} vs baseline", f"{m['mean'] * 100:.2f}{unit}{_ci(m['ci95'], 100)}"))
     for k, m in g["vs_reference"].items():
         if "recovery" not in m:  # no baseline: the model's own score
             rows.append((f"{k} vs reference", f"{m['mean'] * 100:.2f}{_ci(m['ci95'], 100)}"))
@@ -315,10 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     q.set_defaults(func=_cmd_quantize)
 
-    e = sub.add_parser("eval", help="perplexity, and KL / top-1 agreement against a baseline",
+    e = sub.add_parser("eval", help="perplexity, and KL / top-1 agreement against a baseline; "
+                       "generation ROUGE, lm-eval tasks",
                        description="Score a checkpoint on held-out ShareGPT windows (the evaluation "
                        "split, disjoint from calibration). Quantized checkpoints run with their "
-                       "activation quantization simulated.")
+                       "activation quantization simulated. --generate and --tasks add generation "
+                       "quality and lm-evaluation-harness scores, run in lowbit's CPU runtime.")
     e.add_argument("model", help="checkpoint directory (quantized or not)")
     e.add_argument("--baseline", help="reference checkpoint for KL divergence and top-1 agreement")
     e.add_argument("--dataset", default="sharegpt", help="evaluation data (default: sharegpt)")
@@ -330,7 +333,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also answer the first N held-out chat prompts greedily and report ROUGE-1/2/L "
                    "against the dataset's replies and (with --baseline) the baseline's answers, "
                    "exact matches with the baseline and recovery with a bootstrap 95%% interval")
-    e.add_argument("--max-new-tokens", type=_positive, default=64,
+    e.add_argument("--max-new-tokens", type=_positive, default=64, metavar="N",
                    help="new tokens per answer at most, with --generate (default: 64)")
     e.add_argument("--tasks", metavar="T1,T2", help="lm-evaluation-harness tasks (needs "
                    "pip install 'lowbit[lm-eval]'): names such as hellaswag, arc_easy, gsm8k, mmlu "
@@ -392,6 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="lowbit: %(message)s")
+    if not args.verbose:  # lm-eval warns about every task config it fills in with defaults
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
     try:
         status = args.func(args)
     except LowbitError as e:
