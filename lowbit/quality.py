@@ -12,6 +12,7 @@ with replacement (the same prompts for both models: a paired bootstrap) with a f
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ import torch
 from . import data
 from .errors import LowbitError
 from .progress import progress
+
+log = logging.getLogger(__name__)
 
 ROUGE = ("rouge1", "rouge2", "rougeL")
 RESAMPLES = 1000  # bootstrap resamples of the prompts
@@ -60,6 +63,8 @@ def held_out_prompts(tokenizer, records: data.Records, n: int, *,
     if not messages:
         raise LowbitError(f"no held-out prompts in {records.source}: --generate needs conversations "
                           f"with a user turn answered by the assistant, of at most {max_tokens} tokens")
+    if len(messages) < n:
+        log.warning("only %d of %d held-out prompts available in %s", len(messages), n, records.source)
     return Prompts(messages, references, skipped)
 
 
@@ -98,9 +103,12 @@ def generation_quality(model: str | Path, baseline: str | Path | None, records: 
             continue
         net, tokenizer = model_and_tokenizer(path, None, dtype)
         if prompts is None:  # chosen once, with the evaluated model's tokenizer
-            room = getattr(net.config, "max_position_embeddings", None) or 1 << 30
+            room = (getattr(net.config, "max_position_embeddings", None) or 1 << 30) - max_new_tokens
+            if room < 1:
+                raise LowbitError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in "
+                                  f"the model's {room + max_new_tokens} positions")
             prompts = held_out_prompts(tokenizer, records, n,
-                                       max_tokens=min(MAX_PROMPT_TOKENS, room - max_new_tokens))
+                                       max_tokens=min(MAX_PROMPT_TOKENS, room))
         answers[name] = complete(net, tokenizer, prompts.messages, max_tokens=max_new_tokens,
                                  desc=f"answering ({name})")
         del net

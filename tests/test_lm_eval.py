@@ -237,7 +237,9 @@ def test_smollm2_loglikelihood_splits_tokens_at_the_boundary_like_hflm(smollm2_d
     tok = lm.tokenizer
     pairs = [("The capital of France is", " Paris"),
              ("The capital of France is ", "Paris"),  # the space moves: " Paris" is one token
-             ("The capital of France is Par", "is"),  # "Par" + "is" merge across the boundary
+             # "Par" + "is" encode as the one token " Paris": the whole text is no longer than the
+             # context, so HFLM's rule leaves no continuation token (log-likelihood 0, greedy)
+             ("The capital of France is Par", "is"),
              ("", "Hello world"), ("2 + 2 =", " 4")]
     got = lm.loglikelihood([request("loglikelihood", c, x) for c, x in pairs])
     for (c, x), (lp, greedy) in zip(pairs, got):
@@ -245,3 +247,4 @@ def test_smollm2_loglikelihood_splits_tokens_at_the_boundary_like_hflm(smollm2_d
         assert lp == pytest.approx(ref_lp, abs=2e-3, rel=1e-4), (c, x)
         assert greedy == ref_greedy, (c, x)
     assert got[0][0] == pytest.approx(got[1][0], abs=1e-6)  # the same tokens either way
+    assert got[2] == (0.0, True)
