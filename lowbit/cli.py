@@ -106,7 +106,7 @@ def _task_rows(tasks: dict | None) -> list[tuple[str, str]]:
             if m["baseline"] is not None:
                 rec = "n/a" if m["recovery"] is None else f"{m['recovery']:.2%}"
                 text += f" (baseline {m['baseline']:.4f}), recovery {rec}"
-            rows.append((f"{task} {k}", f"{text}  [{t['samples']} docs]"))
+            rows.append((f"{task} {k}", text + (f"  [{t['samples']} docs]" if t["samples"] else "")))
     return rows
 
 

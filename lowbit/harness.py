@@ -1,5 +1,6 @@
-"""lm-evaluation-harness tasks on lowbit's runtime: an lm-eval model class over lowbit.load,
-and run_tasks(), which puts task scores (and their recovery against a baseline) into `lowbit eval`.
+"""lm-evaluation-harness tasks on lowbit's runtime: an lm-eval model class over lowbit.load
+(model_class()), scores() to run tasks with it, and table(), which puts the scores and their
+recovery against a baseline into `lowbit eval`.
 
 lm-eval is optional (`pip install 'lowbit[lm-eval]'`). Tasks are lm-eval names (hellaswag,
 arc_easy, gsm8k, mmlu, ...: their data come from the Hugging Face hub) or paths to task YAML
@@ -61,7 +62,6 @@ def _build(TemplateLM: type) -> type:
             from .api import load
             from .checkpoint import load_tokenizer
 
-            self.path = Path(path)
             self.model = load(path, dtype)
             self.tokenizer = load_tokenizer(path)
             self.batch_size = batch_size
@@ -194,13 +194,18 @@ def scores(path: str | Path, tasks: list[str], manager=None, *, limit: int | Non
     results = lm_eval.evaluator.simple_evaluate(
         model=model, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
         bootstrap_iters=1000, log_samples=False)  # 1000: stderr of non-mean metrics, bounded time
+    # the tasks and groups asked for (mmlu, not its 57 subjects); all results for a tag
+    asked = [n for n in names if n in results["results"]] or list(results["results"])
     out = {}
-    for task, metrics in results["results"].items():
+    for task in asked:
+        metrics = results["results"][task]
         better = results.get("higher_is_better", {}).get(task, {})
         values = {k.removesuffix(",none"): float(v) for k, v in metrics.items()
                   if k not in ("alias", "sample_len") and "_stderr" not in k
                   and isinstance(v, (int, float))}
-        out[task] = {"samples": results.get("n-samples", {}).get(task, {}).get("effective"),
+        parts = results.get("group_subtasks", {}).get(task) or [task]  # a group counts its tasks'
+        samples = [results.get("n-samples", {}).get(t, {}).get("effective") for t in parts]
+        out[task] = {"samples": sum(samples) if None not in samples else None,
                      "metrics": values,
                      "higher_is_better": {k: bool(better.get(k.split(",")[0], True)) for k in values}}
     return out

@@ -51,6 +51,11 @@ generation_kwargs:
 metric_list:
   - metric: exact_match
 """
+GROUP_YAML = """group: lowbit_test_group
+task: [lowbit_test_mc]
+aggregate_metric_list:
+  - metric: acc
+"""
 
 
 def request(kind: str, *args) -> Instance:
@@ -166,6 +171,7 @@ def tasks(tiny, tmp_path_factory):
     (root / "text.txt").write_text("the quick brown fox jumps over the lazy dog\n\n" * 40)  # for ppl
     (root / "mc.yaml").write_text(MC_YAML.format(data=root / "mc.json"))
     (root / "gen.yaml").write_text(GEN_YAML.format(data=root / "gen.json"))
+    (root / "group.yaml").write_text(GROUP_YAML)
     return root
 
 
@@ -193,12 +199,13 @@ def test_offline_tasks_score_as_the_float64_model_would(tiny, tasks):
             assert m["baseline"] == m["model"] and m["recovery"] in (1.0, None)
 
 
-def test_limit_and_a_table_row_per_metric(tiny, tasks):
+def test_a_group_is_one_row_per_metric_over_limit_documents(tiny, tasks):
     path = tiny[0]
     code, stdout, stderr = run_cli("eval", path, "--dataset", tasks / "text.txt", "--windows", "1",
-                                   "--seq-len", "16", "--tasks", str(tasks / "mc.yaml"), "--limit", "2")
+                                   "--seq-len", "16", "--tasks", str(tasks / "group.yaml"), "--limit", "2")
     assert code == 0, stderr
-    assert "lowbit_test_mc acc " in stdout and "lowbit_test_mc acc_norm " in stdout and "[2 docs]" in stdout
+    rows = [line for line in stdout.splitlines() if line.startswith("lowbit_test")]
+    assert len(rows) == 1 and rows[0].startswith("lowbit_test_group acc ") and "[2 docs]" in rows[0]
     assert "recovery" not in stdout  # no baseline
 
 
