@@ -160,6 +160,8 @@ def test_generate_until_is_greedy_and_stops_at_until(tiny):
 def tasks(tiny, tmp_path_factory):
     """A multiple-choice and a generate_until task over JSON files written here. The second
     generation target is the tiny model's own greedy answer, so exact_match must be 1/2."""
+    import datasets
+
     _, _, hf, tok = tiny
     root = tmp_path_factory.mktemp("tasks")
     mc = [{"question": q, "choices": c, "answer": a} for q, c, a in QUESTIONS]
@@ -172,7 +174,9 @@ def tasks(tiny, tmp_path_factory):
     (root / "mc.yaml").write_text(MC_YAML.format(data=root / "mc.json"))
     (root / "gen.yaml").write_text(GEN_YAML.format(data=root / "gen.json"))
     (root / "group.yaml").write_text(GROUP_YAML)
-    return root
+    with pytest.MonkeyPatch.context() as patch:  # lm-eval's datasets cache, here and not in ~/.cache
+        patch.setattr(datasets.config, "HF_DATASETS_CACHE", root / "hf-datasets")
+        yield root
 
 
 def test_offline_tasks_score_as_the_float64_model_would(tiny, tasks):
