@@ -184,7 +184,7 @@ def _compute_for(path: Path, choice: str, device: torch.device | str = "cpu") ->
 def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: str = "sharegpt",
              windows: int = 32, seq_len: int = 512, device: str = "auto",
              compute: str = "auto", generate: int = 0, max_new_tokens: int = 64,
-             tasks: list[str] | tuple[str, ...] = (), limit: int | None = None,
+             tasks: str | list[str] | tuple[str, ...] = (), limit: int | None = None,
              num_fewshot: int | None = None) -> dict:
     """Perplexity of `model` on held-out windows of `dataset` (its evaluation split); with a
     `baseline`, also mean next-token KL(baseline || model) and top-1 agreement. Both models run
@@ -207,6 +207,8 @@ def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: 
                            ("limit", limit, 1), ("num_fewshot", num_fewshot, 0)):
         if n is not None and n < least:
             raise LowbitError(f"{name} must be at least {least}, got {n}")
+    if isinstance(tasks, str):  # "arc_easy,hellaswag", as the CLI takes it
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     resolved = None
     if tasks:  # before the long part: a missing lm-eval or an unknown task fails now
         from . import harness
@@ -215,6 +217,12 @@ def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: 
     tokenizer = load_tokenizer(path)
     texts = data.read_records(dataset)
     wins = data.eval_windows(tokenizer, texts, windows=windows, seq_len=seq_len)
+    if generate:  # chosen now, with the evaluated model's tokenizer: a dataset without prompts fails early
+        from . import quality
+
+        positions = Checkpoint(path, allow_quantized=True).config_dict.get("max_position_embeddings")
+        prompts = quality.held_out_prompts(tokenizer, texts, generate,
+                                           max_tokens=quality.prompt_budget(positions, max_new_tokens))
     where = resolve_device(device)
     forward = _compute_for(path, compute, where)
     log.info("computing in %s: %s", forward.name, forward.reason)
@@ -228,10 +236,8 @@ def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: 
                   windows=len(wins), seq_len=seq_len, size_bytes=_dir_size(path), device=str(where),
                   compute_dtype=forward.as_dict())
     if generate:
-        from .quality import generation_quality
-
-        result["generation"] = generation_quality(path, baseline, texts, generate,
-                                                  max_new_tokens=max_new_tokens, dtype=forward.dtype)
+        result["generation"] = quality.generation_quality(path, baseline, prompts,
+                                                          max_new_tokens=max_new_tokens, dtype=forward.dtype)
     if tasks:
         from . import harness
 

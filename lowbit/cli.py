@@ -130,10 +130,9 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
 def _cmd_eval(a: argparse.Namespace) -> None:
     from . import api
 
-    tasks = [t for t in (a.tasks or "").split(",") if t.strip()]
     r = api.evaluate(a.model, a.baseline, dataset=a.dataset, windows=a.windows, seq_len=a.seq_len,
                      device=a.device, compute=a.compute_dtype, generate=a.generate,
-                     max_new_tokens=a.max_new_tokens, tasks=[t.strip() for t in tasks],
+                     max_new_tokens=a.max_new_tokens, tasks=a.tasks or (),
                      limit=a.limit, num_fewshot=a.num_fewshot)
     print(json.dumps(r, indent=2)) if a.json else _print_eval(r)
 

@@ -88,27 +88,28 @@ def _prompt_tokens(tokenizer, message: dict[str, str]) -> int:
     return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def generation_quality(model: str | Path, baseline: str | Path | None, records: data.Records, n: int,
-                       *, max_new_tokens: int, dtype: torch.dtype) -> dict:
-    """Answer the first `n` held-out prompts greedily with `model` and `baseline` (one loaded at
-    a time, each through lowbit's runtime in `dtype`) and score() the answers."""
+def prompt_budget(max_positions: int | None, max_new_tokens: int) -> int:
+    """The longest prompt that leaves room for `max_new_tokens` in the model's positions."""
+    room = (max_positions or 1 << 30) - max_new_tokens
+    if room < 1:
+        raise LowbitError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the "
+                          f"model's {max_positions} positions")
+    return min(MAX_PROMPT_TOKENS, room)
+
+
+def generation_quality(model: str | Path, baseline: str | Path | None, prompts: Prompts, *,
+                       max_new_tokens: int, dtype: torch.dtype) -> dict:
+    """Answer `prompts` greedily with `model` and `baseline` (one loaded at a time, each through
+    lowbit's runtime in `dtype`) and score() the answers."""
     from .memory import release_memory
     from .runtime.generate import model_and_tokenizer
 
     start = time.perf_counter()
     answers = {}
-    prompts = None
     for name, path in (("model", model), ("baseline", baseline)):
         if path is None:
             continue
         net, tokenizer = model_and_tokenizer(path, None, dtype)
-        if prompts is None:  # chosen once, with the evaluated model's tokenizer
-            room = (getattr(net.config, "max_position_embeddings", None) or 1 << 30) - max_new_tokens
-            if room < 1:
-                raise LowbitError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in "
-                                  f"the model's {room + max_new_tokens} positions")
-            prompts = held_out_prompts(tokenizer, records, n,
-                                       max_tokens=min(MAX_PROMPT_TOKENS, room))
         answers[name] = complete(net, tokenizer, prompts.messages, max_tokens=max_new_tokens,
                                  desc=f"answering ({name})")
         del net

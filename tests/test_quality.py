@@ -197,3 +197,19 @@ def test_smollm2_answers_like_itself_and_partly_like_the_dataset(smollm2_dir):
     for k in ("rouge1", "rougeL"):
         m = g["vs_reference"][k]
         assert 0 < m["model"] == m["baseline"] < 1 and m["recovery"] == 1 and m["ci95"] == [1, 1]
+
+
+@pytest.mark.parametrize("extra, message", [(["--max-new-tokens", "300"], "leaves no room for a prompt"),
+                                            (["--text-only"], "no held-out prompts")])
+def test_generate_errors_are_one_line_and_come_before_any_model_runs(tiny_dir, chats, tmp_path, extra,
+                                                                     message, monkeypatch):
+    from lowbit import metrics
+
+    monkeypatch.setattr(metrics, "compare", lambda *a: pytest.fail("a model ran before the error"))
+    dataset = chats
+    if extra == ["--text-only"]:  # records with no conversation to take a prompt from
+        dataset, extra = tmp_path / "text.txt", []
+        dataset.write_text("".join(f"plain text record {i} to score\n\n" for i in range(300)))
+    code, _, stderr = run_cli("eval", tiny_dir("llama"), "--dataset", dataset, "--windows", "1",
+                              "--seq-len", "8", "--generate", "2", *extra)
+    assert code == 2 and message in stderr and len(stderr.splitlines()) == 1, stderr
