@@ -203,12 +203,19 @@ def scores(path: str | Path, tasks: list[str], manager=None, *, limit: int | Non
         values = {k.removesuffix(",none"): float(v) for k, v in metrics.items()
                   if k not in ("alias", "sample_len") and "_stderr" not in k
                   and isinstance(v, (int, float))}
-        parts = results.get("group_subtasks", {}).get(task) or [task]  # a group counts its tasks'
-        samples = [results.get("n-samples", {}).get(t, {}).get("effective") for t in parts]
-        out[task] = {"samples": sum(samples) if None not in samples else None,
+        out[task] = {"samples": _documents(results, task),
                      "metrics": values,
                      "higher_is_better": {k: bool(better.get(k.split(",")[0], True)) for k in values}}
     return out
+
+
+def _documents(results: dict, name: str) -> int | None:
+    """Documents scored for a task, or summed over a group's tasks and groups."""
+    parts = results.get("group_subtasks", {}).get(name)
+    if not parts:
+        return results.get("n-samples", {}).get(name, {}).get("effective")
+    counts = [_documents(results, p) for p in parts]
+    return None if None in counts else sum(counts)
 
 
 def table(model: dict, base: dict | None = None) -> dict:

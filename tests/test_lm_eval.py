@@ -56,6 +56,11 @@ task: [lowbit_test_mc]
 aggregate_metric_list:
   - metric: acc
 """
+OUTER_YAML = """group: lowbit_test_outer
+task: [lowbit_test_group, lowbit_test_gen]
+aggregate_metric_list:
+  - metric: acc
+"""
 
 
 def request(kind: str, *args) -> Instance:
@@ -174,6 +179,7 @@ def tasks(tiny, tmp_path_factory):
     (root / "mc.yaml").write_text(MC_YAML.format(data=root / "mc.json"))
     (root / "gen.yaml").write_text(GEN_YAML.format(data=root / "gen.json"))
     (root / "group.yaml").write_text(GROUP_YAML)
+    (root / "outer.yaml").write_text(OUTER_YAML)
     with pytest.MonkeyPatch.context() as patch:  # lm-eval's datasets cache, here and not in ~/.cache
         patch.setattr(datasets.config, "HF_DATASETS_CACHE", root / "hf-datasets")
         yield root
@@ -206,10 +212,11 @@ def test_offline_tasks_score_as_the_float64_model_would(tiny, tasks):
 def test_a_group_is_one_row_per_metric_over_limit_documents(tiny, tasks):
     path = tiny[0]
     code, stdout, stderr = run_cli("eval", path, "--dataset", tasks / "text.txt", "--windows", "1",
-                                   "--seq-len", "16", "--tasks", str(tasks / "group.yaml"), "--limit", "2")
+                                   "--seq-len", "16", "--tasks", str(tasks / "outer.yaml"), "--limit", "2")
     assert code == 0, stderr
     rows = [line for line in stdout.splitlines() if line.startswith("lowbit_test")]
-    assert len(rows) == 1 and rows[0].startswith("lowbit_test_group acc ") and "[2 docs]" in rows[0]
+    # a group of a group (2 multiple-choice documents) and a task (2 generated answers)
+    assert len(rows) == 1 and rows[0].startswith("lowbit_test_outer acc ") and "[4 docs]" in rows[0]
     assert "recovery" not in stdout  # no baseline
 
 
