@@ -9,6 +9,7 @@ files, whose `dataset_path: json` with `dataset_kwargs: {data_files: ...}` reads
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -35,15 +36,10 @@ def _lm_eval():
     return lm_eval
 
 
+@functools.cache  # one class, so lm-eval sees the same type on every call
 def model_class() -> type:
     """The lm-eval model class (built on first use, so lm-eval stays an optional import)."""
-    global _CLASS
-    if _CLASS is None:
-        _CLASS = _build(_lm_eval().api.model.TemplateLM)
-    return _CLASS
-
-
-_CLASS = None  # the class is a function of the installed lm-eval, built once
+    return _build(_lm_eval().api.model.TemplateLM)
 
 
 def _build(TemplateLM: type) -> type:
