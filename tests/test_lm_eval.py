@@ -220,6 +220,20 @@ def test_a_group_is_one_row_per_metric_over_limit_documents(tiny, tasks):
     assert "recovery" not in stdout  # no baseline
 
 
+def test_num_fewshot_and_limit_reach_the_prompts(tiny, tasks, monkeypatch):
+    cls, seen = harness.model_class(), []
+    original = cls.loglikelihood
+
+    def spy(self, requests, **kw):
+        seen.extend(r.args[0] for r in requests)
+        return original(self, requests, **kw)
+
+    monkeypatch.setattr(cls, "loglikelihood", spy)
+    harness.scores(tiny[0], [str(tasks / "mc.yaml")], limit=1, num_fewshot=2, dtype=torch.float32)
+    assert len(seen) == len(QUESTIONS[0][1])  # one document: a request per choice
+    assert all(c.count("Question:") == 3 and c.endswith(f"Question: {QUESTIONS[0][0]}\nAnswer:") for c in seen)
+
+
 def test_recovery_is_higher_is_better_aware():
     model = {"t": {"samples": 2, "metrics": {"acc": 0.4, "word_perplexity": 20.0},
                    "higher_is_better": {"acc": True, "word_perplexity": False}}}
