@@ -183,10 +183,19 @@ def _compute_for(path: Path, choice: str, device: torch.device | str = "cpu") ->
 
 def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: str = "sharegpt",
              windows: int = 32, seq_len: int = 512, device: str = "auto",
-             compute: str = "auto") -> dict:
+             compute: str = "auto", generate: int = 0, max_new_tokens: int = 64,
+             tasks: str | list[str] | tuple[str, ...] = (), limit: int | None = None,
+             num_fewshot: int | None = None) -> dict:
     """Perplexity of `model` on held-out windows of `dataset` (its evaluation split); with a
     `baseline`, also mean next-token KL(baseline || model) and top-1 agreement. Both models run
-    in one `compute` dtype, chosen for `model`'s stored dtype as in quantize()."""
+    in one `compute` dtype, chosen for `model`'s stored dtype as in quantize().
+
+    `generate` > 0 also answers that many held-out chat prompts greedily (at most
+    `max_new_tokens` each) and reports ROUGE against the dataset's replies and, with a
+    baseline, against the baseline's answers, exact matches and recovery (lowbit/quality.py).
+    `tasks` (lm-eval names or task YAML paths; needs the lm-eval extra) adds lm-eval's scores,
+    on at most `limit` documents per task with `num_fewshot` examples (lowbit/harness.py).
+    Both run lowbit's CPU runtime, packed kernels included."""
     from .metrics import compare
 
     start = time.perf_counter()
@@ -194,9 +203,26 @@ def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: 
     for p in (path, baseline):
         if p is not None and not (Path(p) / "config.json").is_file():
             raise LowbitError(f"model {p} has no config.json (not a checkpoint directory)")
+    for name, n, least in (("generate", generate, 0), ("max_new_tokens", max_new_tokens, 1),
+                           ("limit", limit, 1), ("num_fewshot", num_fewshot, 0)):
+        if n is not None and n < least:
+            raise LowbitError(f"{name} must be at least {least}, got {n}")
+    if isinstance(tasks, str):  # "arc_easy,hellaswag", as the CLI takes it
+        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
+    resolved = None
+    if tasks:  # before the long part: a missing lm-eval or an unknown task fails now
+        from . import harness
+
+        resolved = harness.task_names(list(tasks))
     tokenizer = load_tokenizer(path)
     texts = data.read_records(dataset)
     wins = data.eval_windows(tokenizer, texts, windows=windows, seq_len=seq_len)
+    if generate:  # chosen now, with the evaluated model's tokenizer: a dataset without prompts fails early
+        from . import quality
+
+        positions = Checkpoint(path, allow_quantized=True).config_dict.get("max_position_embeddings")
+        prompts = quality.held_out_prompts(tokenizer, texts, generate,
+                                           max_tokens=quality.prompt_budget(positions, max_new_tokens))
     where = resolve_device(device)
     forward = _compute_for(path, compute, where)
     log.info("computing in %s: %s", forward.name, forward.reason)
@@ -204,7 +230,21 @@ def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: 
     net = load(path, forward.dtype, packed=False).to(where)
     base = load(baseline, forward.dtype, packed=False).to(where) if baseline is not None else None
     result = compare(net, wins, base)
+    del net, base
+    release_memory()
     result.update(model=str(path), baseline=str(baseline) if baseline else None,
                   windows=len(wins), seq_len=seq_len, size_bytes=_dir_size(path), device=str(where),
-                  compute_dtype=forward.as_dict(), seconds=time.perf_counter() - start)
+                  compute_dtype=forward.as_dict())
+    if generate:
+        result["generation"] = quality.generation_quality(path, baseline, prompts,
+                                                          max_new_tokens=max_new_tokens, dtype=forward.dtype)
+    if tasks:
+        from . import harness
+
+        run = dict(limit=limit, num_fewshot=num_fewshot, dtype=forward.dtype)
+        scores = harness.scores(path, *resolved, **run)
+        base_scores = harness.scores(baseline, *resolved, **run) if baseline is not None else None
+        result["tasks"] = harness.table(scores, base_scores)
+        result["tasks_options"] = {"limit": limit, "num_fewshot": num_fewshot}
+    result["seconds"] = time.perf_counter() - start
     return result

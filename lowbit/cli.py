@@ -67,11 +67,47 @@ def _print_eval(r: dict) -> None:
         rows += [("baseline", r["baseline"]), ("baseline ppl", f"{r['baseline_ppl']:.4f}"),
                  ("KL (nats/token)", f"{r['kl']:.6f}"), ("top-1 agreement", f"{r['top1']:.4%}")]
     rows += [("size on disk", _size(r["size_bytes"])), ("tokens", str(r["tokens"])),
-             ("compute dtype", f"{r['compute_dtype']['dtype']} ({r['compute_dtype']['reason']})"),
-             ("time", f"{r['seconds']:.1f} s")]
+             ("compute dtype", f"{r['compute_dtype']['dtype']} ({r['compute_dtype']['reason']})")]
+    rows += _generation_rows(r.get("generation")) + _task_rows(r.get("tasks"))
+    rows.append(("time", f"{r['seconds']:.1f} s"))
     width = max(len(k) for k, _ in rows)
     for k, v in rows:
         print(f"{k:<{width}}  {v}")
+
+
+def _ci(c: list[float] | None, scale: float = 1.0) -> str:
+    return "" if c is None else f"  [{c[0] * scale:.2f}, {c[1] * scale:.2f}]"
+
+
+def _generation_rows(g: dict | None) -> list[tuple[str, str]]:
+    """ROUGE x 100 as MLPerf prints it; recovery and its 95 % interval in percent."""
+    if g is None:
+        return []
+    rows = [("generation", f"{g['prompts']} held-out prompts, <= {g['max_new_tokens']} new tokens, "
+             f"greedy; 95 % intervals: bootstrap, {g['bootstrap']['resamples']} resamples")]
+    for k, m in g.get("vs_baseline", {}).items():
+        unit = "%" if k == "exact_match" else ""
+        rows.append((f"{k.replace('_', ' ')} vs baseline", f"{m['mean'] * 100:.2f}{unit}{_ci(m['ci95'], 100)}"))
+    for k, m in g["vs_reference"].items():
+        if "recovery" not in m:  # no baseline: the model's own score
+            rows.append((f"{k} vs reference", f"{m['mean'] * 100:.2f}{_ci(m['ci95'], 100)}"))
+            continue
+        rec = "n/a" if m["recovery"] is None else f"{m['recovery']:.2%}{_ci(m['ci95'], 100)}"
+        rows.append((f"{k} vs reference", f"{m['model'] * 100:.2f} (baseline {m['baseline'] * 100:.2f}), "
+                     f"recovery {rec}"))
+    return rows
+
+
+def _task_rows(tasks: dict | None) -> list[tuple[str, str]]:
+    rows = []
+    for task, t in (tasks or {}).items():
+        for k, m in t["metrics"].items():
+            text = f"{m['model']:.4f}"
+            if m["baseline"] is not None:
+                rec = "n/a" if m["recovery"] is None else f"{m['recovery']:.2%}"
+                text += f" (baseline {m['baseline']:.4f}), recovery {rec}"
+            rows.append((f"{task} {k}", text + (f"  [{t['samples']} docs]" if t["samples"] else "")))
+    return rows
 
 
 def _cmd_quantize(a: argparse.Namespace) -> None:
@@ -95,7 +131,9 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     from . import api
 
     r = api.evaluate(a.model, a.baseline, dataset=a.dataset, windows=a.windows, seq_len=a.seq_len,
-                     device=a.device, compute=a.compute_dtype)
+                     device=a.device, compute=a.compute_dtype, generate=a.generate,
+                     max_new_tokens=a.max_new_tokens, tasks=a.tasks or (),
+                     limit=a.limit, num_fewshot=a.num_fewshot)
     print(json.dumps(r, indent=2)) if a.json else _print_eval(r)
 
 
@@ -251,6 +289,16 @@ def _positive(text: str) -> int:
     return value
 
 
+def _count(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
 def _fraction(text: str) -> float:
     try:
         return float(text)
@@ -325,10 +373,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print the summary as JSON")
     q.set_defaults(func=_cmd_quantize)
 
-    e = sub.add_parser("eval", help="perplexity, and KL / top-1 agreement against a baseline",
+    e = sub.add_parser("eval", help="perplexity, and KL / top-1 agreement against a baseline; "
+                       "generation ROUGE, lm-eval tasks",
                        description="Score a checkpoint on held-out ShareGPT windows (the evaluation "
                        "split, disjoint from calibration). Quantized checkpoints run with their "
-                       "activation quantization simulated.")
+                       "activation quantization simulated. --generate and --tasks add generation "
+                       "quality and lm-evaluation-harness scores, run in lowbit's CPU runtime.")
     e.add_argument("model", help="checkpoint directory (quantized or not)")
     e.add_argument("--baseline", help="reference checkpoint for KL divergence and top-1 agreement")
     e.add_argument("--dataset", default="sharegpt", help="evaluation data (default: sharegpt)")
@@ -336,6 +386,18 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default: 512)")
     e.add_argument("--device", default="auto", help="auto (a CUDA GPU when torch sees one), cpu, "
                    "cuda or cuda:N")
+    e.add_argument("--generate", type=_positive, default=0, metavar="N",
+                   help="also answer the first N held-out chat prompts greedily and report ROUGE-1/2/L "
+                   "against the dataset's replies and (with --baseline) the baseline's answers, "
+                   "exact matches with the baseline and recovery with a bootstrap 95%% interval")
+    e.add_argument("--max-new-tokens", type=_positive, default=64, metavar="N",
+                   help="new tokens per answer at most, with --generate (default: 64)")
+    e.add_argument("--tasks", metavar="T1,T2", help="lm-evaluation-harness tasks (needs "
+                   "pip install 'lowbit[lm-eval]'): names such as hellaswag, arc_easy, gsm8k, mmlu "
+                   "(their data come from the Hugging Face hub), or paths to task YAML files")
+    e.add_argument("--limit", type=_positive, metavar="N", help="at most N documents per task")
+    e.add_argument("--num-fewshot", type=_count, metavar="K", help="few-shot examples per "
+                   "prompt (default: each task's own)")
     _add_compute_dtype(e, "both models run in")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_cmd_eval)
@@ -532,6 +594,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="lowbit: %(message)s")
+    if not args.verbose:  # lm-eval warns about every task config it fills in with defaults
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
     try:
         status = args.func(args)
     except LowbitError as e:
