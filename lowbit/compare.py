@@ -1,0 +1,285 @@
+"""`lowbit compare`: quantize BASE into DIR/<scheme>/ (a finished output is reused), evaluate
+every checkpoint against BASE, time it in lowbit's runtime (--speed) or read serving numbers
+(--serving), and write DIR/results.json, report.md, report.html and the plots.
+
+What a row holds comes from files and measurements only; report.py turns rows into verdicts.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import struct
+from pathlib import Path
+
+from .errors import LowbitError
+from .progress import progress
+
+log = logging.getLogger(__name__)
+
+# a fixed prompt for --speed, repeated to the requested length (its content does not matter at
+# batch 1 with EOS ignored: every step costs the same)
+PROMPT = ("The history of computing is a story of ever smaller switches doing ever more work. "
+          "Early machines filled rooms with relays and vacuum tubes; transistors shrank them to "
+          "cabinets, and integrated circuits to a single chip. ")
+PLOTS = {"recovery_vs_bytes.png", "recovery_vs_speed.png", "worst_layers.png"}
+# eval-result keys that describe the run, not the model's quality
+BOOKKEEPING = {"tokens", "windows", "seq_len", "size_bytes", "seconds", "baseline_ppl", "compute_dtype",
+               "samples", "limit", "count", "n", "stderr", "ci", "ci_low", "ci_high", "interval"}
+
+
+def _headers(path: Path) -> dict[str, tuple[str, list[int], int]]:
+    """name -> (dtype, shape, bytes) of every tensor in a directory's safetensors files, read
+    from the headers alone."""
+    found = {}
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with open(f, "rb") as h:
+            (n,) = struct.unpack("<Q", h.read(8))
+            header = json.loads(h.read(n))
+        for name, t in header.items():
+            if name != "__metadata__":
+                found[name] = (t["dtype"], t["shape"], t["data_offsets"][1] - t["data_offsets"][0])
+    if not found:
+        raise LowbitError(f"{path} has no safetensors files")
+    return found
+
+
+def quantized_linears(path: Path) -> set[str]:
+    """Module names whose weights a checkpoint stores quantized (every lowbit/compressed-tensors
+    format stores a weight_scale beside its codes)."""
+    return {n[: -len(".weight_scale")] for n in _headers(path) if n.endswith(".weight_scale")}
+
+
+def sizes(path: Path, base: Path, linears: set[str] | None = None) -> dict:
+    """Size on disk, bits per weight of the quantized Linears (of `linears` for the base) and
+    the weight bytes one decode step reads."""
+    t, b = _headers(path), _headers(base)
+    linears = quantized_linears(path) if linears is None else linears
+    params = weight_bytes = 0
+    for m in linears:
+        if f"{m}.weight" not in b:
+            raise LowbitError(f"{path} quantizes {m}, which the base {base} does not have: "
+                              "compare checkpoints quantized from this base")
+        params += _count(b[f"{m}.weight"][1])
+        # codes, scales, zero points, global scales; weight_shape is metadata no kernel reads
+        weight_bytes += sum(v[2] for n, v in t.items() if n.startswith(f"{m}.weight") and n != f"{m}.weight_shape")
+    # an untied embedding table is gathered (one row per token), not read whole
+    untied = any(n.startswith("lm_head.") for n in t)
+    per_token = sum(v[2] for n, v in t.items() if not (untied and n.endswith("embed_tokens.weight")))
+    return {"size_bytes": sum(f.stat().st_size for f in Path(path).glob("*.safetensors")),
+            "bits_per_weight": 8 * weight_bytes / params if params else None,
+            "quantized_params": params, "bytes_per_token": per_token}
+
+
+def _count(shape: list[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def parse_schemes(text: str) -> list[tuple[str, str, str | None]]:
+    """"W4A16,MXFP4:mr-gptq" -> [(dir name, scheme, algorithm or None)]."""
+    from .schemes import get_scheme
+
+    out = []
+    for item in filter(None, (s.strip() for s in text.split(","))):
+        name, _, algorithm = item.partition(":")
+        scheme = get_scheme(name).name  # the LowbitError lists valid names
+        if algorithm and algorithm not in ("rtn", "gptq", "mr-gptq"):
+            raise LowbitError(f"--schemes {item}: algorithm must be rtn, gptq or mr-gptq")
+        out.append((scheme + (f"-{algorithm}" if algorithm else ""), scheme, algorithm or None))
+    if not out:
+        raise LowbitError("--schemes lists no scheme")
+    return out
+
+
+def quantize_into(base: Path, out: Path, scheme: str, algorithm: str | None, options: dict) -> bool:
+    """Quantize `base` into `out` unless `out` is a finished quantization of it with this scheme
+    and algorithm (then it is reused). Returns whether it was reused. A killed run left only a
+    temporary sibling, which quantize() resumes."""
+    from . import api
+
+    report = out / api.REPORT_FILE
+    if report.is_file():  # written last, inside the atomically renamed directory: finished
+        made = json.loads(report.read_text())
+        want = algorithm or _default_algorithm(scheme)
+        if made["scheme"] == scheme and made["algorithm"] == want and \
+                Path(made["model"]).resolve() == base.resolve():
+            log.info("reusing %s (%s, %s)", out, scheme, want)
+            return True
+        raise LowbitError(f"{out} holds {made['scheme']} ({made['algorithm']}) of {made['model']}, not "
+                          f"{scheme} ({want}) of {base}: remove it or choose another --out")
+    if out.exists():
+        raise LowbitError(f"{out} exists but is not a finished lowbit checkpoint: remove it")
+    api.quantize(base, out, scheme, algorithm=algorithm, **options)
+    return False
+
+
+def _default_algorithm(scheme: str) -> str:
+    from .schemes import get_scheme
+
+    return get_scheme(scheme).algorithm
+
+
+def metrics_of(result: dict, prefix: str = "") -> dict[str, float]:
+    """Every numeric score in an evaluate() result, nested dicts flattened with dots (task scores
+    and generation quality plug in as they are), bookkeeping keys left out."""
+    out = {}
+    for k, v in result.items():
+        if k in BOOKKEEPING or k.endswith("_stderr"):
+            continue
+        if isinstance(v, dict):
+            out.update(metrics_of(v, f"{prefix}{k}."))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[prefix + k] = float(v)
+    return out
+
+
+def _peak_rss_reset() -> None:
+    try:  # Linux: "5" resets the VmHWM high-water mark of this process
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        pass
+
+
+def _peak_rss() -> int | None:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def measure_speed(path: Path, *, prompt_tokens: int, new_tokens: int, repeats: int, compute: str) -> dict:
+    """Prefill and decode tok/s of lowbit.generate at batch 1 (best of `repeats`: the machine may
+    be shared), resident weights + KV cache bytes, and the process's peak RSS meanwhile."""
+    from . import api
+    from .checkpoint import load_tokenizer
+    from .memory import release_memory
+    from .runtime.generate import generate
+    from .runtime.kv_cache import kv_bytes
+    from .runtime.linear import resident_bytes
+
+    release_memory()
+    _peak_rss_reset()
+    model = api.load(path, compute)  # packed kernels, as deployed on CPU
+    tokenizer = load_tokenizer(path)
+    ids = tokenizer(PROMPT)["input_ids"]
+    body = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
+    ids = (ids + body * (prompt_tokens // max(1, len(body)) + 1))[:prompt_tokens]
+    # one short untimed run first: the first forward allocates and packs what later ones reuse
+    generate(model, ids[:8], max_tokens=2, ignore_eos=True, tokenizer=tokenizer)
+    prefill = decode = 0.0
+    for _ in range(repeats):
+        g = generate(model, ids, max_tokens=new_tokens, ignore_eos=True, tokenizer=tokenizer)
+        prefill = max(prefill, len(ids) / g.prefill_seconds)
+        decode = max(decode, g.decode_steps / g.decode_seconds if g.decode_seconds else 0.0)
+    weights, dtype = resident_bytes(model), str(next(model.parameters()).dtype).removeprefix("torch.")
+    kv = kv_bytes(model, prompt_tokens + new_tokens, next(model.parameters()).element_size())
+    del model
+    return {"prefill_tok_s": prefill, "decode_tok_s": decode, "weights_bytes": weights,
+            "kv_cache_bytes": kv, "memory_bytes": weights + kv, "peak_rss_bytes": _peak_rss(), "dtype": dtype}
+
+
+def compare(base: str | Path, checkpoints=(), *, out: str | Path, schemes: str | None = None,
+            gate: float = 99.0, speed: bool = False, serving: str | Path | None = None,
+            dataset: str = "sharegpt", samples: int = 128, seq_len: int = 512, windows: int = 32,
+            prompt_tokens: int = 128, new_tokens: int = 32, repeats: int = 2,
+            device: str = "auto", compute: str = "auto", eval_options: dict | None = None) -> dict:
+    """Compare `checkpoints` (directories) and BASE quantized with `schemes` ("S1,S2[:algorithm]",
+    into OUT/<scheme>/) against BASE; write the report into OUT. Returns {"results", "analysis"}
+    (analysis["any_passed"] is False when nothing passes `gate` %). `eval_options` are passed to
+    lowbit.evaluate for every model."""
+    from . import api, report
+    from .hardware import cpu_isa
+    from .serving_results import read_serving
+
+    base, out = Path(base), Path(out)
+    if not gate > 0:
+        raise LowbitError(f"--gate must be a positive percentage, got {gate}")
+    if (out / "config.json").exists():
+        raise LowbitError(f"{out} is a checkpoint directory; give compare an output directory of its own")
+    rows = [(Path(c).name, Path(c), None) for c in checkpoints]
+    planned = parse_schemes(schemes) if schemes else []
+    for name, scheme, algorithm in progress(planned, "quantizing"):
+        reused = quantize_into(base, out / name, scheme, algorithm, dict(
+            dataset=dataset, samples=samples, seq_len=seq_len, device=device, compute=compute))
+        rows.append((name, out / name, reused))
+    if not rows:
+        raise LowbitError("nothing to compare: give checkpoint directories and/or --schemes")
+    names = [n for n, _, _ in rows]
+    if len(set(names)) < len(names):
+        raise LowbitError(f"two checkpoints share a directory name ({', '.join(names)}): rename one")
+    serving_rows = read_serving(serving, {"base": base, **{n: p for n, p, _ in rows}}) if serving else {}
+    linears = set().union(*(quantized_linears(p) for _, p, _ in rows))
+    opts = dict(dataset=dataset, windows=windows, seq_len=seq_len, device=device, compute=compute,
+                **(eval_options or {}))
+    base_eval = api.evaluate(base, None, **opts)
+    base_row = {"name": "base", "path": str(base), **sizes(base, base, linears),
+                "metrics": metrics_of(base_eval), "serving": serving_rows.get("base")}
+    results = {"gate": gate, "base": base_row, "checkpoints": [], "serving_file": str(serving) if serving else None,
+               "evaluation": {"dataset": dataset, "windows": base_eval["windows"], "seq_len": seq_len,
+                              "compute_dtype": base_eval["compute_dtype"]["dtype"], "tokens": base_eval["tokens"]}}
+    for name, path, reused in progress(rows, "evaluating"):
+        r = api.evaluate(path, base, **opts)
+        made = path / api.REPORT_FILE
+        made = json.loads(made.read_text()) if made.is_file() else {}
+        results["checkpoints"].append({
+            "name": name, "path": str(path), "scheme": made.get("scheme"), "algorithm": made.get("algorithm"),
+            "reused": reused, **sizes(path, base), "metrics": metrics_of(r), "serving": serving_rows.get(name),
+            "layer_error": made.get("error"), "layers": (made.get("layers") or [])[:20]})
+    results["speed_method"] = None
+    if speed:
+        import torch
+
+        results["speed_method"] = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
+                                   "threads": torch.get_num_threads(), "dtype": compute,
+                                   "cpu": f"{_cpu_name()} ({cpu_isa()})"}
+        for row in progress([base_row, *results["checkpoints"]], "timing"):
+            row["speed"] = measure_speed(Path(row["path"]), prompt_tokens=prompt_tokens,
+                                         new_tokens=new_tokens, repeats=repeats, compute=compute)
+        results["speed_method"]["dtype"] = base_row["speed"]["dtype"]
+    analysis = report.analyze(results)
+    write_report(out, results, analysis)
+    return {"results": results, "analysis": analysis}
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def write_report(out: Path, results: dict, analysis: dict) -> None:
+    """Write results.json, report.md, report.html and the PNGs into `out`: staged in a temporary
+    sibling, then moved in file by file with results.json last, so a crash never leaves a
+    report that disagrees with its results (checkpoints under `out` stay where they are)."""
+    from . import report
+    from .outdir import writing
+
+    pngs = report.plots(results, analysis)
+    files = {"report.md": report.markdown(results, analysis).encode(),
+             "report.html": report.html(results, analysis, pngs).encode(), **pngs,
+             "results.json": (json.dumps({**results, "analysis": analysis}, indent=2) + "\n").encode()}
+    tmp = out / f".report.tmp-{os.getpid()}"
+    with writing(out):
+        try:
+            tmp.mkdir(parents=True, exist_ok=True)
+            for name, data in files.items():
+                (tmp / name).write_bytes(data)
+            for name in files:  # dicts keep order: results.json last
+                os.replace(tmp / name, out / name)
+            for stale in PLOTS - set(files):  # a plot this run did not make is not this run's
+                (out / stale).unlink(missing_ok=True)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
