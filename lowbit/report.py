@@ -99,10 +99,11 @@ def recommend(rows: list[dict]) -> dict[str, dict]:
     if not ok:
         return {d: {"pick": None, "why": "no checkpoint passes the gate"} for d in DEPLOYMENTS}
     best = min(ok, key=lambda r: r["bytes_per_token"])
+    timed = f"; measured decode {best['speed']['decode_tok_s']:.1f} tok/s at batch 1" if best.get("speed") else ""
     picks["latency-bound"] = {"pick": best["name"], "why": (
         f"smallest weight bytes read per decoded token among passing checkpoints: "
         f"{_mib(best['bytes_per_token'])} ("
-        + ", ".join(f"{r['name']} {_mib(r['bytes_per_token'])}" for r in ok) + ")")}
+        + ", ".join(f"{r['name']} {_mib(r['bytes_per_token'])}" for r in ok) + f"){timed}")}
     measured = [(throughput(r), r) for r in ok if throughput(r)]
     if measured:
         (value, source), best = max(measured, key=lambda t: t[0][0])
@@ -156,7 +157,7 @@ def table(results: dict, analysis: dict) -> tuple[list[str], list[list[str]]]:
     recovered = [m for m in metrics if any(r["recovery"].get(m) is not None for r in rows)]
     serving_keys = sorted({k for r in [results["base"], *rows] for k in (r.get("serving") or {}).get("keys", {})})
     header = ["checkpoint", "size on disk (MiB)", "bits/weight", "bytes/token (MiB)", *metrics,
-              *[f"recovery {m}" for m in recovered], "decode tok/s", "prefill tok/s", "memory (MiB)",
+              *[f"recovery {m}" for m in recovered], "decode tok/s", "prefill tok/s", "resident memory (MiB)",
               *[f"{k} ({_unit(k)})" for k in serving_keys], "gate"]
     body = []
     for r in [dict(results["base"], recovery={}, passed=None), *rows]:
@@ -276,7 +277,7 @@ def plots(results: dict, analysis: dict) -> dict[str, bytes]:
         ax.set_yticks([i + 0.4 - height / 2 for i in range(len(worst))], worst, fontsize=7)
         ax.invert_yaxis()
         ax.set(xlabel="relative error per Linear", title="Worst layers")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower right")
         fig.tight_layout()
         out["worst_layers.png"] = png(fig)
     return out
