@@ -111,7 +111,7 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     c = compare(a.base, a.checkpoints, out=a.out, schemes=a.schemes, gate=a.gate, speed=a.speed,
                 serving=a.serving, dataset=a.dataset, samples=a.samples, seq_len=a.seq_len,
                 windows=a.windows, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens,
-                repeats=a.repeats, device=a.device, compute=a.compute_dtype)
+                repeats=a.repeats, device=a.device, compute=a.compute_dtype, fresh=a.fresh)
     _print_compare(c)
     print(f"wrote {Path(a.out) / 'report.md'}, report.html and results.json")
     return 0 if c["analysis"]["any_passed"] else 1
@@ -364,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--windows", type=_positive, default=32, help="evaluation windows (default: 32)")
     c.add_argument("--device", default="auto", help="where quantization and evaluation run (default: auto)")
     _add_compute_dtype(c, "quantization, evaluation and --speed run in")
+    c.add_argument("--fresh", action="store_true", help="evaluate and time everything again (default: "
+                   "reuse what OUT/results.json measured on unchanged files with the same settings)")
     c.set_defaults(func=_cmd_compare)
 
     g = sub.add_parser("import-gguf", help="convert a GGUF file into a Hugging Face checkpoint directory")

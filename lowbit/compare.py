@@ -7,6 +7,7 @@ What a row holds comes from files and measurements only; report.py turns rows in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -187,15 +188,55 @@ def measure_speed(path: Path, *, prompt_tokens: int, new_tokens: int, repeats: i
             "kv_cache_bytes": kv, "memory_bytes": weights + kv, "peak_rss_bytes": _peak_rss(), "dtype": dtype}
 
 
+def _key(path: Path, base: Path | None, settings: dict) -> str:
+    """What a measurement depends on: the checkpoints' files (name, size, mtime) and settings."""
+    files = lambda p: [(f.name, f.stat().st_size, f.stat().st_mtime_ns)  # noqa: E731
+                       for f in sorted(Path(p).iterdir()) if f.suffix in (".safetensors", ".json")]
+    text = json.dumps([str(Path(path).resolve()), files(path), files(base) if base else None, settings],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _previous(out: Path) -> dict:
+    """Evaluations and timings of an earlier run in OUT, by their keys."""
+    try:
+        old = json.loads((out / "results.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    found = {}
+    for row in [old.get("base") or {}, *old.get("checkpoints", [])]:
+        if row.get("eval_key"):
+            found[("eval", row["eval_key"])] = {k: row[k] for k in ("metrics", "evaluated")}
+        if row.get("speed_key") and row.get("speed"):
+            found[("speed", row["speed_key"])] = row["speed"]
+    return found
+
+
+def _evaluated(cache: dict, path: Path, base: Path | None, opts: dict) -> dict:
+    """{"metrics", "evaluated", "eval_key"} of `path` against `base`: from the cache or measured."""
+    from . import api
+
+    key = _key(path, base, opts)
+    hit = cache.get(("eval", key))
+    if hit:
+        log.info("reusing the evaluation of %s from results.json", path)
+        return {**hit, "eval_key": key}
+    r = api.evaluate(path, base, **opts)
+    return {"metrics": metrics_of(r), "eval_key": key, "evaluated": {
+        "windows": r["windows"], "tokens": r["tokens"], "compute_dtype": r["compute_dtype"]["dtype"]}}
+
+
 def compare(base: str | Path, checkpoints=(), *, out: str | Path, schemes: str | None = None,
             gate: float = 99.0, speed: bool = False, serving: str | Path | None = None,
             dataset: str = "sharegpt", samples: int = 128, seq_len: int = 512, windows: int = 32,
             prompt_tokens: int = 128, new_tokens: int = 32, repeats: int = 2,
-            device: str = "auto", compute: str = "auto", eval_options: dict | None = None) -> dict:
+            device: str = "auto", compute: str = "auto", fresh: bool = False,
+            eval_options: dict | None = None) -> dict:
     """Compare `checkpoints` (directories) and BASE quantized with `schemes` ("S1,S2[:algorithm]",
     into OUT/<scheme>/) against BASE; write the report into OUT. Returns {"results", "analysis"}
     (analysis["any_passed"] is False when nothing passes `gate` %). `eval_options` are passed to
-    lowbit.evaluate for every model."""
+    lowbit.evaluate for every model. Evaluations and timings in OUT/results.json whose files and
+    settings are unchanged are reused unless `fresh`."""
     from . import api, report
     from .hardware import cpu_isa
     from .serving_results import read_serving
@@ -220,31 +261,30 @@ def compare(base: str | Path, checkpoints=(), *, out: str | Path, schemes: str |
     linears = set().union(*(quantized_linears(p) for _, p, _ in rows))
     opts = dict(dataset=dataset, windows=windows, seq_len=seq_len, device=device, compute=compute,
                 **(eval_options or {}))
-    base_eval = api.evaluate(base, None, **opts)
-    base_row = {"name": "base", "path": str(base), **sizes(base, base, linears),
-                "metrics": metrics_of(base_eval), "serving": serving_rows.get("base")}
+    cache = {} if fresh else _previous(out)
+    base_row = {"name": "base", "path": str(base), **sizes(base, base, linears), "serving": serving_rows.get("base"),
+                **_evaluated(cache, base, None, opts)}
     results = {"gate": gate, "base": base_row, "checkpoints": [], "serving_file": str(serving) if serving else None,
-               "evaluation": {"dataset": dataset, "windows": base_eval["windows"], "seq_len": seq_len,
-                              "compute_dtype": base_eval["compute_dtype"]["dtype"], "tokens": base_eval["tokens"]}}
+               "evaluation": {"dataset": dataset, "seq_len": seq_len, **base_row["evaluated"]}}
     for name, path, reused in progress(rows, "evaluating"):
-        r = api.evaluate(path, base, **opts)
         made = path / api.REPORT_FILE
         made = json.loads(made.read_text()) if made.is_file() else {}
         results["checkpoints"].append({
             "name": name, "path": str(path), "scheme": made.get("scheme"), "algorithm": made.get("algorithm"),
-            "reused": reused, **sizes(path, base), "metrics": metrics_of(r), "serving": serving_rows.get(name),
+            "reused": reused, **sizes(path, base), "serving": serving_rows.get(name), **_evaluated(cache, path, base, opts),
             "layer_error": made.get("error"), "layers": (made.get("layers") or [])[:20]})
     results["speed_method"] = None
     if speed:
         import torch
 
-        results["speed_method"] = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
-                                   "threads": torch.get_num_threads(), "dtype": compute,
-                                   "cpu": f"{_cpu_name()} ({cpu_isa()})"}
+        method = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
+                  "threads": torch.get_num_threads(), "compute": compute, "cpu": f"{_cpu_name()} ({cpu_isa()})"}
         for row in progress([base_row, *results["checkpoints"]], "timing"):
-            row["speed"] = measure_speed(Path(row["path"]), prompt_tokens=prompt_tokens,
-                                         new_tokens=new_tokens, repeats=repeats, compute=compute)
-        results["speed_method"]["dtype"] = base_row["speed"]["dtype"]
+            row["speed_key"] = _key(Path(row["path"]), None, method)
+            row["speed"] = cache.get(("speed", row["speed_key"])) or measure_speed(
+                Path(row["path"]), prompt_tokens=prompt_tokens, new_tokens=new_tokens, repeats=repeats,
+                compute=compute)
+        results["speed_method"] = {**method, "dtype": base_row["speed"]["dtype"]}
     analysis = report.analyze(results)
     write_report(out, results, analysis)
     return {"results": results, "analysis": analysis}

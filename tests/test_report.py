@@ -217,16 +217,25 @@ def test_compare_quantizes_evaluates_times_and_writes_the_report(compared):
     assert "## Recommendation" in stdout and "latency-bound**: W4A16-rtn" in stdout
 
 
-def test_a_rerun_reuses_the_quantized_outputs_and_exits_1_when_nothing_passes(compared, tiny_dir, evaldata):
+def test_a_rerun_reuses_quantized_outputs_and_measurements_and_exits_1_when_nothing_passes(
+        compared, tiny_dir, evaldata):
     _, _, _, out = compared
     stamp = {p: p.stat().st_mtime_ns for p in out.glob("*/*.safetensors")}
+    first = json.loads((out / "results.json").read_text())
+    planted = json.loads(json.dumps(first))
+    planted["checkpoints"][0]["metrics"]["ppl"] = 1e9  # a value no evaluation gives: seen only if reused
+    (out / "results.json").write_text(json.dumps(planted))
     code, stdout, stderr = run_cli(*compare_args(tiny_dir("llama"), out, evaldata, "--gate", "101"))
     assert code == 1, stderr
     assert {p: p.stat().st_mtime_ns for p in out.glob("*/*.safetensors")} == stamp
     r = json.loads((out / "results.json").read_text())
     assert all(c["reused"] for c in r["checkpoints"]) and r["speed_method"] is None
+    assert r["checkpoints"][0]["metrics"]["ppl"] == 1e9
     assert not (out / "recovery_vs_speed.png").exists()  # no speed this time: the old plot is gone
     assert "FAIL" in (out / "report.md").read_text()
+    code, _, stderr = run_cli(*compare_args(tiny_dir("llama"), out, evaldata, "--fresh"))
+    r = json.loads((out / "results.json").read_text())
+    assert r["checkpoints"][0]["metrics"] == first["checkpoints"][0]["metrics"], stderr
 
 
 def test_a_directory_holding_another_scheme_is_refused(tiny_dir, evaldata, tmp_path, compared):
