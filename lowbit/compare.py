@@ -101,7 +101,7 @@ def parse_schemes(text: str) -> list[tuple[str, str, str | None]]:
 def quantize_into(base: Path, out: Path, scheme: str, algorithm: str | None, options: dict) -> bool:
     """Quantize `base` into `out` unless `out` is a finished quantization of it with this scheme
     and algorithm (then it is reused). Returns whether it was reused. A killed run left only a
-    temporary sibling, which quantize() resumes."""
+    work directory beside it, which quantize() resumes when it can."""
     from . import api
 
     report = out / api.REPORT_FILE
@@ -116,7 +116,10 @@ def quantize_into(base: Path, out: Path, scheme: str, algorithm: str | None, opt
                           f"{scheme} ({want}) of {base}: remove it or choose another --out")
     if out.exists():
         raise LowbitError(f"{out} exists but is not a finished lowbit checkpoint: remove it")
-    api.quantize(base, out, scheme, algorithm=algorithm, **options)
+    # OUT does not exist here, so overwrite only decides what happens to a killed run's work
+    # directory: resumed when its fingerprint matches, else started over (a compare rerun with
+    # other settings or software has no use for it)
+    api.quantize(base, out, scheme, algorithm=algorithm, overwrite=True, **options)
     return False
 
 
