@@ -352,13 +352,17 @@ def build_parser() -> argparse.ArgumentParser:
                    "at least this percentage (default: 99, MLPerf's bar; 99.9 for the high-accuracy one)")
     c.add_argument("--speed", action="store_true", help="also time every model in lowbit's runtime at "
                    "batch 1 (prefill and decode tok/s, resident memory)")
-    c.add_argument("--prompt-tokens", type=_positive, default=128, help="--speed prompt length (default: 128)")
+    c.add_argument("--prompt-tokens", type=_positive, default=128,
+                   help="--speed prompt length (default: 128)")
     c.add_argument("--new-tokens", type=_positive, default=32, help="--speed new tokens (default: 32)")
-    c.add_argument("--repeats", type=_positive, default=2, help="--speed runs per model, best kept (default: 2)")
+    c.add_argument("--repeats", type=_positive, default=2,
+                   help="--speed runs per model, best kept (default: 2)")
     c.add_argument("--serving", metavar="FILE", help="serving results (a `lowbit bench serve` JSON: "
                    "output_throughput, ttft, tpot per checkpoint) for the throughput-bound pick")
-    c.add_argument("--dataset", default="sharegpt", help="calibration and evaluation data (default: sharegpt)")
-    c.add_argument("--samples", type=_positive, default=128, help="calibration samples for --schemes (default: 128)")
+    c.add_argument("--dataset", default="sharegpt",
+                   help="calibration and evaluation data (default: sharegpt)")
+    c.add_argument("--samples", type=_positive, default=128,
+                   help="calibration samples for --schemes (default: 128)")
     c.add_argument("--seq-len", type=_positive, default=512, help="tokens per calibration sample and "
                    "evaluation window (default: 512)")
     c.add_argument("--windows", type=_positive, default=32, help="evaluation windows (default: 32)")

@@ -11,7 +11,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import shutil
 import struct
 from pathlib import Path
@@ -21,11 +20,6 @@ from .progress import progress
 
 log = logging.getLogger(__name__)
 
-# a fixed prompt for --speed, repeated to the requested length (its content does not matter at
-# batch 1 with EOS ignored: every step costs the same)
-PROMPT = ("The history of computing is a story of ever smaller switches doing ever more work. "
-          "Early machines filled rooms with relays and vacuum tubes; transistors shrank them to "
-          "cabinets, and integrated circuits to a single chip. ")
 PLOTS = {"recovery_vs_bytes.png", "recovery_vs_speed.png", "worst_layers.png"}
 # eval-result keys that describe the run, not the model's quality
 BOOKKEEPING = {"tokens", "windows", "seq_len", "size_bytes", "seconds", "baseline_ppl", "compute_dtype",
@@ -66,7 +60,8 @@ def sizes(path: Path, base: Path, linears: set[str] | None = None) -> dict:
                               "compare checkpoints quantized from this base")
         params += _count(b[f"{m}.weight"][1])
         # codes, scales, zero points, global scales; weight_shape is metadata no kernel reads
-        weight_bytes += sum(v[2] for n, v in t.items() if n.startswith(f"{m}.weight") and n != f"{m}.weight_shape")
+        weight_bytes += sum(v[2] for n, v in t.items()
+                            if n.startswith(f"{m}.weight") and n != f"{m}.weight_shape")
     # an untied embedding table is gathered (one row per token), not read whole
     untied = any(n.startswith("lm_head.") for n in t)
     per_token = sum(v[2] for n, v in t.items() if not (untied and n.endswith("embed_tokens.weight")))
@@ -143,54 +138,6 @@ def metrics_of(result: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
-def _peak_rss_reset() -> None:
-    try:  # Linux: "5" resets the VmHWM high-water mark of this process
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        pass
-
-
-def _peak_rss() -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def measure_speed(path: Path, *, prompt_tokens: int, new_tokens: int, repeats: int, compute: str) -> dict:
-    """Prefill and decode tok/s of lowbit.generate at batch 1 (best of `repeats`: the machine may
-    be shared), resident weights + KV cache bytes, and the process's peak RSS meanwhile."""
-    from . import api
-    from .checkpoint import load_tokenizer
-    from .memory import release_memory
-    from .runtime.generate import generate
-    from .runtime.kv_cache import kv_bytes
-    from .runtime.linear import resident_bytes
-
-    release_memory()
-    _peak_rss_reset()
-    model = api.load(path, compute)  # packed kernels, as deployed on CPU
-    tokenizer = load_tokenizer(path)
-    ids = tokenizer(PROMPT)["input_ids"]
-    body = tokenizer(PROMPT, add_special_tokens=False)["input_ids"]
-    ids = (ids + body * (prompt_tokens // max(1, len(body)) + 1))[:prompt_tokens]
-    # one short untimed run first: the first forward allocates and packs what later ones reuse
-    generate(model, ids[:8], max_tokens=2, ignore_eos=True, tokenizer=tokenizer)
-    prefill = decode = 0.0
-    for _ in range(repeats):
-        g = generate(model, ids, max_tokens=new_tokens, ignore_eos=True, tokenizer=tokenizer)
-        prefill = max(prefill, len(ids) / g.prefill_seconds)
-        decode = max(decode, g.decode_steps / g.decode_seconds if g.decode_seconds else 0.0)
-    weights, dtype = resident_bytes(model), str(next(model.parameters()).dtype).removeprefix("torch.")
-    kv = kv_bytes(model, prompt_tokens + new_tokens, next(model.parameters()).element_size())
-    del model
-    return {"prefill_tok_s": prefill, "decode_tok_s": decode, "weights_bytes": weights,
-            "kv_cache_bytes": kv, "memory_bytes": weights + kv, "peak_rss_bytes": _peak_rss(), "dtype": dtype}
-
-
 def _key(path: Path, base: Path | None, settings: dict) -> str:
     """What a measurement depends on: the checkpoints' files (name, size, mtime) and settings."""
     files = lambda p: [(f.name, f.stat().st_size, f.stat().st_mtime_ns)  # noqa: E731
@@ -242,6 +189,7 @@ def compare(base: str | Path, checkpoints=(), *, out: str | Path, schemes: str |
     settings are unchanged are reused unless `fresh`."""
     from . import api, report
     from .hardware import cpu_isa
+    from .runtime.timing import cpu_name, measure_speed
     from .serving_results import read_serving
 
     base, out = Path(base), Path(out)
@@ -265,23 +213,26 @@ def compare(base: str | Path, checkpoints=(), *, out: str | Path, schemes: str |
     opts = dict(dataset=dataset, windows=windows, seq_len=seq_len, device=device, compute=compute,
                 **(eval_options or {}))
     cache = {} if fresh else _previous(out)
-    base_row = {"name": "base", "path": str(base), **sizes(base, base, linears), "serving": serving_rows.get("base"),
-                **_evaluated(cache, base, None, opts)}
-    results = {"gate": gate, "base": base_row, "checkpoints": [], "serving_file": str(serving) if serving else None,
+    base_row = {"name": "base", "path": str(base), **sizes(base, base, linears),
+                "serving": serving_rows.get("base"), **_evaluated(cache, base, None, opts)}
+    results = {"gate": gate, "base": base_row, "checkpoints": [],
+               "serving_file": str(serving) if serving else None,
                "evaluation": {"dataset": dataset, "seq_len": seq_len, **base_row["evaluated"]}}
     for name, path, reused in progress(rows, "evaluating"):
         made = path / api.REPORT_FILE
         made = json.loads(made.read_text()) if made.is_file() else {}
         results["checkpoints"].append({
-            "name": name, "path": str(path), "scheme": made.get("scheme"), "algorithm": made.get("algorithm"),
-            "reused": reused, **sizes(path, base), "serving": serving_rows.get(name), **_evaluated(cache, path, base, opts),
+            "name": name, "path": str(path), "scheme": made.get("scheme"),
+            "algorithm": made.get("algorithm"), "reused": reused, **sizes(path, base),
+            "serving": serving_rows.get(name), **_evaluated(cache, path, base, opts),
             "layer_error": made.get("error"), "layers": (made.get("layers") or [])[:20]})
     results["speed_method"] = None
     if speed:
         import torch
 
         method = {"prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats,
-                  "threads": torch.get_num_threads(), "compute": compute, "cpu": f"{_cpu_name()} ({cpu_isa()})"}
+                  "threads": torch.get_num_threads(), "compute": compute,
+                  "cpu": f"{cpu_name()} ({cpu_isa()})"}
         for row in progress([base_row, *results["checkpoints"]], "timing"):
             row["speed_key"] = _key(Path(row["path"]), None, method)
             row["speed"] = cache.get(("speed", row["speed_key"])) or measure_speed(
@@ -291,16 +242,6 @@ def compare(base: str | Path, checkpoints=(), *, out: str | Path, schemes: str |
     analysis = report.analyze(results)
     write_report(out, results, analysis)
     return {"results": results, "analysis": analysis}
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def write_report(out: Path, results: dict, analysis: dict) -> None:

@@ -99,7 +99,9 @@ def recommend(rows: list[dict]) -> dict[str, dict]:
     if not ok:
         return {d: {"pick": None, "why": "no checkpoint passes the gate"} for d in DEPLOYMENTS}
     best = min(ok, key=lambda r: r["bytes_per_token"])
-    timed = f"; measured decode {best['speed']['decode_tok_s']:.1f} tok/s at batch 1" if best.get("speed") else ""
+    timed = ""
+    if best.get("speed"):
+        timed = f"; measured decode {best['speed']['decode_tok_s']:.1f} tok/s at batch 1"
     picks["latency-bound"] = {"pick": best["name"], "why": (
         f"smallest weight bytes read per decoded token among passing checkpoints: "
         f"{_mib(best['bytes_per_token'])} ("
@@ -130,10 +132,9 @@ def analyze(results: dict) -> dict:
         passed, failing = verdict(rec, gate)
         rows.append({**ckpt, "recovery": rec, "passed": passed, "failing": failing,
                      "min_recovery": min((r for r in rec.values() if r is not None), default=None)})
-    speeds = [(i, decode_speed(r)) for i, r in enumerate(rows) if decode_speed(r) and r["min_recovery"] is not None]
-    front = pareto_front([(s[0], rows[i]["min_recovery"]) for i, s in speeds])
-    for k in front:
-        rows[speeds[k][0]]["pareto"] = True
+    timed = [r for r in rows if decode_speed(r) and r["min_recovery"] is not None]
+    for k in pareto_front([(decode_speed(r)[0], r["min_recovery"]) for r in timed]):
+        timed[k]["pareto"] = True
     return {"rows": rows, "recommendations": recommend(rows), "any_passed": any(r["passed"] for r in rows)}
 
 
@@ -155,20 +156,20 @@ def table(results: dict, analysis: dict) -> tuple[list[str], list[list[str]]]:
     rows = analysis["rows"]
     metrics = _metric_names(rows)
     recovered = [m for m in metrics if any(r["recovery"].get(m) is not None for r in rows)]
-    serving_keys = sorted({k for r in [results["base"], *rows] for k in (r.get("serving") or {}).get("keys", {})})
+    serving = sorted({k for r in [results["base"], *rows] for k in (r.get("serving") or {}).get("keys", {})})
     header = ["checkpoint", "size on disk (MiB)", "bits/weight", "bytes/token (MiB)", *metrics,
-              *[f"recovery {m}" for m in recovered], "decode tok/s", "prefill tok/s", "resident memory (MiB)",
-              *[f"{k} ({_unit(k)})" for k in serving_keys], "gate"]
+              *[f"recovery {m}" for m in recovered], "decode tok/s", "prefill tok/s",
+              "resident memory (MiB)", *[f"{k} ({_unit(k)})" for k in serving], "gate"]
     body = []
     for r in [dict(results["base"], recovery={}, passed=None), *rows]:
-        speed, serving = r.get("speed") or {}, r.get("serving") or {}
-        body.append([r["name"], f"{r['size_bytes'] / 2**20:.2f}", _num(r.get("bits_per_weight"), ".2f"),
-                     f"{r['bytes_per_token'] / 2**20:.2f}", *[_num(r["metrics"].get(m)) for m in metrics],
-                     *[_pct(r["recovery"].get(m)) if r["passed"] is not None else "reference" for m in recovered],
-                     _num(speed.get("decode_tok_s"), ".1f"), _num(speed.get("prefill_tok_s"), ".1f"),
-                     _num(speed["memory_bytes"] / 2**20 if speed.get("memory_bytes") else None, ".1f"),
-                     *[_num(serving.get(k), ".4g") for k in serving_keys],
-                     "" if r["passed"] is None else ("PASS" if r["passed"] else "FAIL (" + ", ".join(r["failing"]) + ")")])
+        sp, sv, ref = r.get("speed") or {}, r.get("serving") or {}, r["passed"] is None
+        gate = "" if ref else "PASS" if r["passed"] else f"FAIL ({', '.join(r['failing'])})"
+        body.append([r["name"], _num(r["size_bytes"] / 2**20, ".2f"), _num(r.get("bits_per_weight"), ".2f"),
+                     _num(r["bytes_per_token"] / 2**20, ".2f"), *[_num(r["metrics"].get(m)) for m in metrics],
+                     *["reference" if ref else _pct(r["recovery"].get(m)) for m in recovered],
+                     _num(sp.get("decode_tok_s"), ".1f"), _num(sp.get("prefill_tok_s"), ".1f"),
+                     _num(sp["memory_bytes"] / 2**20 if sp.get("memory_bytes") else None, ".1f"),
+                     *[_num(sv.get(k)) for k in serving], gate])
     return header, body
 
 
@@ -183,8 +184,9 @@ def _pct(v: float | None) -> str:
 def notes(results: dict) -> list[str]:
     """What each number is and how it was measured."""
     ev, lines = results["evaluation"], []
-    lines.append(f"Quality: {ev['windows']} held-out windows of {ev['seq_len']} tokens from {ev['dataset']} "
-                 f"(evaluation split), computed in {ev['compute_dtype']}; KL in nats per token.")
+    lines.append(f"Quality: {ev['windows']} held-out windows of {ev['seq_len']} tokens from "
+                 f"{ev['dataset']} (evaluation split), computed in {ev['compute_dtype']}; KL in nats "
+                 "per token.")
     lines.append("Recovery: ppl base_ppl/ppl; KL exp(-KL) (the ppl recovery on text the base model "
                  "would write); top-1 the agreement itself; other metrics ckpt/base (base/ckpt when "
                  "lower is better); NAME_recovery as the evaluator computed it.")
@@ -196,16 +198,18 @@ def notes(results: dict) -> list[str]:
                  "is read; KV cache reads not included).")
     sm = results.get("speed_method")
     if sm:
-        lines.append(f"Speed: lowbit's runtime (lowbit.generate, packed kernels, {sm['dtype']}), batch 1, "
-                     f"{sm['prompt_tokens']}-token prompt, {sm['new_tokens']} new tokens (EOS ignored), best "
-                     f"of {sm['repeats']}, {sm['threads']} torch thread(s), on {sm['cpu']}. prefill tok/s = "
+        lines.append(f"Speed: lowbit's runtime (lowbit.generate, packed kernels, {sm['dtype']}), batch "
+                     f"1, {sm['prompt_tokens']}-token prompt, {sm['new_tokens']} new tokens (EOS ignored), "
+                     f"best of {sm['repeats']} after a warm-up, {sm['threads']} torch thread(s), on "
+                     f"{sm['cpu']}. prefill tok/s = "
                      "prompt tokens / prefill seconds; decode tok/s = decode steps / decode seconds. "
                      "memory = resident weights (parameters and buffers, packed) + the KV cache for the "
                      "measured context; process peak RSS is in results.json.")
     else:
         lines.append("Speed: not measured (pass --speed).")
     if results.get("serving_file"):
-        lines.append(f"Serving: from {results['serving_file']}; keys used per checkpoint are in results.json.")
+        lines.append(f"Serving: from {results['serving_file']}; the key each number came from is in "
+                     "results.json.")
     return lines
 
 
@@ -238,7 +242,8 @@ def plots(results: dict, analysis: dict) -> dict[str, bytes]:
     fig = Figure(figsize=(7, 4.5), dpi=100)
     ax = fig.add_subplot()
     for m in [m for m in _metric_names(rows) if any(r["recovery"].get(m) is not None for r in rows)]:
-        pts = [(r["bytes_per_token"] / 2**20, r["recovery"][m] * 100) for r in rows if r["recovery"].get(m) is not None]
+        pts = [(r["bytes_per_token"] / 2**20, r["recovery"][m] * 100)
+               for r in rows if r["recovery"].get(m) is not None]
         ax.plot(*zip(*pts), "o", label=m, alpha=0.8)
     for r in rows:
         if r["min_recovery"] is not None:
@@ -296,7 +301,8 @@ def html(results: dict, analysis: dict, pngs: dict[str, bytes]) -> str:
     """One self-contained page: the table, the plots as data: URIs, recommendations, notes."""
     e = _html.escape
     header, body = table(results, analysis)
-    rows = "".join("<tr>" + "".join(f'<td class="{_cls(c)}">{e(c)}</td>' for c in row) + "</tr>" for row in body)
+    rows = "".join("<tr>" + "".join(f'<td class="{_cls(c)}">{e(c)}</td>' for c in row) + "</tr>"
+                   for row in body)
     imgs = "".join(f'<figure><img alt="{e(n)}" src="data:image/png;base64,{base64.b64encode(p).decode()}">'
                    f"<figcaption>{e(n)}</figcaption></figure>" for n, p in pngs.items())
     recs = "".join(f"<li><b>{e(d)}</b>: {e(r['pick'] or 'none')}: {e(r['why'])}</li>"

@@ -64,8 +64,9 @@ def read_serving(file: str | Path, rows: dict[str, Path]) -> dict[str, dict]:
         data = json.loads(Path(file).read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise LowbitError(f"--serving {file}: cannot read it as JSON ({e})") from None
-    if isinstance(data, dict) and numbers({k: v for k, v in data.items() if not isinstance(v, dict)}) is None \
-            and all(isinstance(v, dict) for v in data.values()):
+    keyed = isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()) \
+        and numbers({k: v for k, v in data.items() if not isinstance(v, dict)}) is None
+    if keyed:
         labelled = list(data.items())  # {checkpoint: result}
     else:
         results = data if isinstance(data, list) else [data]
