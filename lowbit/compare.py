@@ -49,8 +49,8 @@ def quantized_linears(path: Path) -> set[str]:
 
 
 def sizes(path: Path, base: Path, linears: set[str] | None = None) -> dict:
-    """Size on disk, bits per weight of the quantized Linears (of `linears` for the base) and
-    the weight bytes one decode step reads."""
+    """Size on disk, bits per weight over `linears` (default: the Linears `path` quantizes; one
+    it leaves unquantized counts at its stored bits) and the weight bytes a decode step reads."""
     t, b = _headers(path), _headers(base)
     linears = quantized_linears(path) if linears is None else linears
     params = weight_bytes = 0
@@ -223,7 +223,7 @@ def compare(base: str | Path, checkpoints=(), *, out: str | Path, schemes: str |
         made = json.loads(made.read_text()) if made.is_file() else {}
         results["checkpoints"].append({
             "name": name, "path": str(path), "scheme": made.get("scheme"),
-            "algorithm": made.get("algorithm"), "reused": reused, **sizes(path, base),
+            "algorithm": made.get("algorithm"), "reused": reused, **sizes(path, base, linears),
             "serving": serving_rows.get(name), **_evaluated(cache, path, base, opts),
             "layer_error": made.get("error"), "layers": (made.get("layers") or [])[:20]})
     results["speed_method"] = None

@@ -191,10 +191,11 @@ def notes(results: dict) -> list[str]:
                  "would write); top-1 the agreement itself; other metrics ckpt/base (base/ckpt when "
                  "lower is better); NAME_recovery as the evaluator computed it.")
     lines.append(f"Gate: PASS when every recovery is >= {results['gate']:g} %.")
-    lines.append("bits/weight: bytes of the quantized Linears' stored weight tensors (codes, scales, zero "
-                 "points, global scales; not weight_shape metadata or activation/KV scales) x 8 / their "
-                 "parameter count; the base counts the same Linears. bytes/token: weight bytes a decode "
-                 "step reads at batch 1 (every tensor but an untied embedding table, of which one row "
+    lines.append("bits/weight: bytes of the stored weight tensors (codes, scales, zero points, global "
+                 "scales; not weight_shape metadata or activation/KV scales) x 8 / parameter count, over "
+                 "the Linears any compared checkpoint quantizes (one a checkpoint keeps unquantized "
+                 "counts at its stored bits, and the base at its own). bytes/token: weight bytes a "
+                 "decode step reads at batch 1 (every tensor but an untied embedding table, of which one row "
                  "is read; KV cache reads not included).")
     sm = results.get("speed_method")
     if sm:
