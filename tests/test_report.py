@@ -79,6 +79,28 @@ def test_recovery_of_each_metric_matches_its_definition():
     assert "only_here" not in r  # no base value: shown, not recovered
 
 
+def test_scores_a_richer_evaluation_returns_join_the_table_and_the_gate():
+    from lowbit.compare import metrics_of
+
+    base = {"ppl": 10.0, "tokens": 4096, "seconds": 3.0, "compute_dtype": {"dtype": "bfloat16"},
+            "tasks": {"hellaswag": {"acc": 0.4, "acc_stderr": 0.01}}}
+    ckpt = {"ppl": 10.0, "kl": 0.0, "top1": 1.0, "baseline_ppl": 10.0, "windows": 4,
+            "tasks": {"hellaswag": {"acc": 0.38, "acc_stderr": 0.01}},
+            "generation": {"rouge1_recovery": 0.995, "bootstrap": [0.99, 1.0]}}
+    assert metrics_of(base) == {"ppl": 10.0, "tasks.hellaswag.acc": 0.4}
+    assert metrics_of(ckpt) == {"ppl": 10.0, "kl": 0.0, "top1": 1.0, "tasks.hellaswag.acc": 0.38,
+                                "generation.rouge1_recovery": 0.995}
+    results = synthetic()
+    results["base"]["metrics"] = metrics_of(base)
+    results["checkpoints"] = [dict(results["checkpoints"][1], metrics=metrics_of(ckpt))]
+    a = report.analyze(results)
+    row = a["rows"][0]
+    assert row["recovery"]["tasks.hellaswag.acc"] == pytest.approx(0.95)
+    assert row["failing"] == ["tasks.hellaswag.acc"]
+    header, _ = report.table(results, a)
+    assert {"recovery tasks.hellaswag.acc", "recovery generation.rouge1_recovery"} <= set(header)
+
+
 def test_gate_needs_every_defined_recovery_at_or_above_it():
     assert report.verdict({"ppl": 0.99, "top1": 0.995}, 99) == (True, [])
     assert report.verdict({"ppl": 0.99, "top1": 0.9899}, 99) == (False, ["top1"])
