@@ -26,6 +26,14 @@ import math
 LOWER_IS_BETTER = {"ppl", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "loss"}
 RELATIVE = {"kl": "exp(-KL)", "top1": "top-1 agreement"}  # measured against the base itself
 DEPLOYMENTS = ("latency-bound", "throughput-bound", "memory-bound")
+CAPTIONS = {
+    "recovery_vs_bytes.png": "Recovery of each metric against the weight bytes a decode step reads; "
+                             "each checkpoint is labelled at its worst metric.",
+    "recovery_vs_speed.png": "Worst recovery against speed; squares: the Pareto front (nothing is "
+                             "both faster and more accurate).",
+    "worst_layers.png": "Relative error of the Linears that are worst in any checkpoint (from each "
+                        "checkpoint's lowbit_report.json).",
+}
 
 
 def _leaf(name: str) -> str:
@@ -305,7 +313,7 @@ def html(results: dict, analysis: dict, pngs: dict[str, bytes]) -> str:
     rows = "".join("<tr>" + "".join(f'<td class="{_cls(c)}">{e(c)}</td>' for c in row) + "</tr>"
                    for row in body)
     imgs = "".join(f'<figure><img alt="{e(n)}" src="data:image/png;base64,{base64.b64encode(p).decode()}">'
-                   f"<figcaption>{e(n)}</figcaption></figure>" for n, p in pngs.items())
+                   f"<figcaption>{e(CAPTIONS.get(n, n))}</figcaption></figure>" for n, p in pngs.items())
     recs = "".join(f"<li><b>{e(d)}</b>: {e(r['pick'] or 'none')}: {e(r['why'])}</li>"
                    for d, r in analysis["recommendations"].items())
     notes_html = "".join(f"<li>{e(n)}</li>" for n in notes(results))
