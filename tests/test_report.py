@@ -255,9 +255,14 @@ def test_a_rerun_reuses_quantized_outputs_and_measurements_and_exits_1_when_noth
     assert r["checkpoints"][0]["metrics"]["ppl"] == 1e9
     assert not (out / "recovery_vs_speed.png").exists()  # no speed this time: the old plot is gone
     assert "FAIL" in (out / "report.md").read_text()
-    code, _, stderr = run_cli(*compare_args(tiny_dir("llama"), out, evaldata, "--fresh"))
+    serving = out.parent / "serve.json"
+    serving.write_text(json.dumps([{"model": str(out / "W4A16-rtn"), "output_throughput": 123.0,
+                                    "mean_ttft_ms": 9.5}]))
+    code, _, stderr = run_cli(*compare_args(tiny_dir("llama"), out, evaldata, "--fresh", "--serving", serving))
     r = json.loads((out / "results.json").read_text())
     assert r["checkpoints"][0]["metrics"] == first["checkpoints"][0]["metrics"], stderr
+    assert r["checkpoints"][1]["serving"]["output_throughput"] == 123.0
+    assert "output_throughput (tok/s)" in (out / "report.md").read_text()
 
 
 def test_a_directory_holding_another_scheme_is_refused(tiny_dir, evaldata, tmp_path, compared):
