@@ -250,8 +250,9 @@ def write_report(out: Path, results: dict, analysis: dict) -> None:
     report that disagrees with its results (checkpoints under `out` stay where they are)."""
     from . import report
     from .outdir import writing
+    from .plots import plots
 
-    pngs = report.plots(results, analysis)
+    pngs = plots(results, analysis)
     files = {"report.md": report.markdown(results, analysis).encode(),
              "report.html": report.html(results, analysis, pngs).encode(), **pngs,
              "results.json": (json.dumps({**results, "analysis": analysis}, indent=2) + "\n").encode()}

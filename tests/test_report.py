@@ -19,6 +19,7 @@ import pytest
 
 from lowbit import report
 from lowbit.errors import LowbitError
+from lowbit.plots import plots
 from lowbit.serving_results import read_serving
 
 from test_cli import run_cli, sentence
@@ -154,7 +155,7 @@ def test_nothing_passing_a_high_gate_recommends_nothing():
 def test_html_is_self_contained_with_every_plot_embedded():
     results = synthetic()
     a = report.analyze(results)
-    pngs = report.plots(results, a)
+    pngs = plots(results, a)
     assert set(pngs) == {"recovery_vs_bytes.png", "recovery_vs_speed.png", "worst_layers.png"}
     page = report.html(results, a, pngs)
     assert not re.search(r"""(src|href)\s*=\s*["']?\s*(https?:)?//""", page, re.I)
@@ -315,7 +316,7 @@ def test_report_renders_in_chromium_with_no_errors_and_visible_plots(tmp_path):
     results = synthetic()
     a = report.analyze(results)
     page = tmp_path / "report.html"
-    page.write_text(report.html(results, a, report.plots(results, a)))
+    page.write_text(report.html(results, a, plots(results, a)))
     log = _chromium("--enable-logging=stderr", "--v=0", "--dump-dom", page.as_uri()).stderr
     assert not [line for line in log.splitlines() if ":CONSOLE" in line]  # the page logs nothing
     p = _probe(page)
