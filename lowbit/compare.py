@@ -225,6 +225,7 @@ def compare(base: str | Path, checkpoints=(), *, out: str | Path, schemes: str |
             "name": name, "path": str(path), "scheme": made.get("scheme"),
             "algorithm": made.get("algorithm"), "reused": reused, **sizes(path, base, linears),
             "serving": serving_rows.get(name), **_evaluated(cache, path, base, opts),
+            "calibration": {k: made.get(k) for k in ("dataset", "samples", "calibration_tokens")},
             "layer_error": made.get("error"), "layers": (made.get("layers") or [])[:20]})
     results["speed_method"] = None
     if speed:
