@@ -226,7 +226,7 @@ def compare(base: str | Path, checkpoints=(), *, out: str | Path, schemes: str |
             "algorithm": made.get("algorithm"), "reused": reused, **sizes(path, base, linears),
             "serving": serving_rows.get(name), **_evaluated(cache, path, base, opts),
             "calibration": {k: made.get(k) for k in ("dataset", "samples", "calibration_tokens")},
-            "layer_error": made.get("error"), "layers": (made.get("layers") or [])[:20]})
+            "layer_error": made.get("error"), "layers": made.get("layers") or []})
     results["speed_method"] = None
     if speed:
         import torch

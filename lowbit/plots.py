@@ -5,8 +5,11 @@ Pareto front, and the per-layer error of the worst Linears."""
 from __future__ import annotations
 
 import io
+import math
 
 from .report import decode_speed, metric_names
+
+WORST = 6  # Linears shown per checkpoint
 
 
 def plots(results: dict, analysis: dict) -> dict[str, bytes]:
@@ -53,28 +56,21 @@ def plots(results: dict, analysis: dict) -> dict[str, bytes]:
         ax.legend(fontsize=8)
         out["recovery_vs_speed.png"] = png(fig)
 
-    worst = _worst_layers(rows)
-    if worst:
-        fig = Figure(figsize=(7, 0.9 + 0.35 * len(worst) * max(1, len(rows)) ** 0.5), dpi=100)
-        ax = fig.add_subplot()
-        height = 0.8 / max(1, len(rows))
-        for j, r in enumerate(rows):
-            errs = {x["name"]: x["rel_error"] for x in r.get("layers") or []}
-            ax.barh([i + j * height for i in range(len(worst))], [errs.get(n, 0) for n in worst],
-                    height, label=f"{r['name']} ({r.get('layer_error', '?')} error)")
-        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(worst))], worst, fontsize=7)
-        ax.invert_yaxis()
-        ax.set(xlabel="relative error per Linear", title="Worst layers")
-        ax.legend(fontsize=7, loc="lower right")
+    ranked = [r for r in rows if r.get("layers")]
+    if ranked:
+        # one panel per checkpoint, each on its own scale: output errors of a W4A4 scheme and
+        # weight errors of a data-free one are not comparable, and a shared axis hides the small
+        cols = min(2, len(ranked))
+        fig = Figure(figsize=(7 * cols, 0.6 + 2.2 * math.ceil(len(ranked) / cols)), dpi=100)
+        for j, r in enumerate(ranked):
+            ax = fig.add_subplot(math.ceil(len(ranked) / cols), cols, j + 1)
+            top = sorted(r["layers"], key=lambda x: -x["rel_error"])[:WORST]
+            ax.barh(range(len(top)), [x["rel_error"] for x in top], color=f"C{j % 10}")
+            ax.set_yticks(range(len(top)), [x["name"].removeprefix("model.") for x in top], fontsize=7)
+            ax.invert_yaxis()
+            ax.set_title(f"{r['name']}: {r.get('layer_error') or '?'} error", fontsize=9)
+            ax.tick_params(axis="x", labelsize=7)
+        fig.suptitle(f"Worst {WORST} Linears per checkpoint (relative error)")
         fig.tight_layout()
         out["worst_layers.png"] = png(fig)
     return out
-
-
-def _worst_layers(rows: list[dict], k: int = 8) -> list[str]:
-    """The k Linears with the largest error in any checkpoint, worst first."""
-    worst: dict[str, float] = {}
-    for r in rows:
-        for x in r.get("layers") or []:
-            worst[x["name"]] = max(worst.get(x["name"], 0.0), x["rel_error"])
-    return sorted(worst, key=lambda n: -worst[n])[:k]

@@ -31,8 +31,9 @@ CAPTIONS = {
                              "each checkpoint is labelled at its worst metric.",
     "recovery_vs_speed.png": "Worst recovery against speed; squares: the Pareto front (nothing is "
                              "both faster and more accurate).",
-    "worst_layers.png": "Relative error of the Linears that are worst in any checkpoint (from each "
-                        "checkpoint's lowbit_report.json).",
+    "worst_layers.png": "Each checkpoint's worst Linears by relative error, from its "
+                        "lowbit_report.json: output error on calibration data, or weight error "
+                        "||W - Q|| / ||W|| for data-free schemes.",
 }
 
 
@@ -110,6 +111,10 @@ def recommend(rows: list[dict]) -> dict[str, dict]:
     timed = ""
     if best.get("speed"):
         timed = f"; measured decode {best['speed']['decode_tok_s']:.1f} tok/s at batch 1"
+        fastest = max((r for r in ok if r.get("speed")), key=lambda r: r["speed"]["decode_tok_s"])
+        if fastest is not best:  # bytes decide for an engine with native kernels; say when ours disagrees
+            timed += (f", but {fastest['name']} decodes faster in lowbit's runtime "
+                      f"({fastest['speed']['decode_tok_s']:.1f} tok/s)")
     picks["latency-bound"] = {"pick": best["name"], "why": (
         f"smallest weight bytes read per decoded token among passing checkpoints: "
         f"{_mib(best['bytes_per_token'])} ("
@@ -217,6 +222,14 @@ def notes(results: dict) -> list[str]:
                      "measured context; process peak RSS is in results.json.")
     else:
         lines.append("Speed: not measured (pass --speed).")
+    base_weights = ((results["base"].get("speed") or {}).get("weights_bytes") or 0) * 0.9
+    unpacked = [r["name"] for r in results["checkpoints"] if (r.get("speed") or {}).get("weights_bytes", 0)
+                >= base_weights > 0 and r["size_bytes"] < 0.8 * results["base"]["size_bytes"]]
+    if unpacked:
+        lines.append(f"{', '.join(unpacked)}: lowbit's CPU runtime widens these weights to the compute "
+                     "dtype at load (it keeps only INT4-group and INT8-channel weights packed), so "
+                     "their resident memory and decode speed here are the base's kind; an engine "
+                     "with native kernels for the format reads their size on disk.")
     if results.get("serving_file"):
         lines.append(f"Serving: from {results['serving_file']}; the key each number came from is in "
                      "results.json.")
