@@ -24,7 +24,6 @@ import html as _html
 import math
 
 LOWER_IS_BETTER = {"ppl", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "loss"}
-RELATIVE = {"kl": "exp(-KL)", "top1": "top-1 agreement"}  # measured against the base itself
 DEPLOYMENTS = ("latency-bound", "throughput-bound", "memory-bound")
 CAPTIONS = {
     "recovery_vs_bytes.png": "Recovery of each metric against the weight bytes a decode step reads; "
