@@ -376,8 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--new-tokens", type=_positive, default=32, help="--speed new tokens (default: 32)")
     c.add_argument("--repeats", type=_positive, default=2,
                    help="--speed runs per model, best kept (default: 2)")
-    c.add_argument("--serving", metavar="FILE", help="serving results (a `lowbit bench serve` JSON: "
-                   "output_throughput, ttft, tpot per checkpoint) for the throughput-bound pick")
+    c.add_argument("--serving", nargs="+", metavar="FILE", help="serving results for the "
+                   "throughput-bound pick: `lowbit bench serve --json` files (one per checkpoint, "
+                   "matched by the model they name) or one JSON keyed by checkpoint name")
     c.add_argument("--dataset", default="sharegpt",
                    help="calibration and evaluation data (default: sharegpt)")
     c.add_argument("--samples", type=_positive, default=128,

@@ -177,14 +177,15 @@ def _evaluated(cache: dict, path: Path, base: Path | None, opts: dict) -> dict:
 
 
 def compare(base: str | Path, checkpoints=(), *, out: str | Path, schemes: str | None = None,
-            gate: float = 99.0, speed: bool = False, serving: str | Path | None = None,
+            gate: float = 99.0, speed: bool = False, serving=None,
             dataset: str = "sharegpt", samples: int = 128, seq_len: int = 512, windows: int = 32,
             prompt_tokens: int = 128, new_tokens: int = 32, repeats: int = 2,
             device: str = "auto", compute: str = "auto", fresh: bool = False,
             eval_options: dict | None = None) -> dict:
     """Compare `checkpoints` (directories) and BASE quantized with `schemes` ("S1,S2[:algorithm]",
     into OUT/<scheme>/) against BASE; write the report into OUT. Returns {"results", "analysis"}
-    (analysis["any_passed"] is False when nothing passes `gate` %). `eval_options` are passed to
+    (analysis["any_passed"] is False when nothing passes `gate` %). `serving`: serving result
+    files (see serving_results.py). `eval_options` are passed to
     lowbit.evaluate for every model. Evaluations and timings in OUT/results.json whose files and
     settings are unchanged are reused unless `fresh`."""
     from . import api, report
@@ -208,6 +209,7 @@ def compare(base: str | Path, checkpoints=(), *, out: str | Path, schemes: str |
     names = [n for n, _, _ in rows]
     if len(set(names)) < len(names):
         raise LowbitError(f"two checkpoints share a directory name ({', '.join(names)}): rename one")
+    serving = [serving] if isinstance(serving, (str, Path)) else list(serving or [])
     serving_rows = read_serving(serving, {"base": base, **{n: p for n, p, _ in rows}}) if serving else {}
     linears = set().union(*(quantized_linears(p) for _, p, _ in rows))
     opts = dict(dataset=dataset, windows=windows, seq_len=seq_len, device=device, compute=compute,
@@ -216,7 +218,7 @@ def compare(base: str | Path, checkpoints=(), *, out: str | Path, schemes: str |
     base_row = {"name": "base", "path": str(base), **sizes(base, base, linears),
                 "serving": serving_rows.get("base"), **_evaluated(cache, base, None, opts)}
     results = {"gate": gate, "base": base_row, "checkpoints": [],
-               "serving_file": str(serving) if serving else None,
+               "serving_files": [str(f) for f in serving],
                "evaluation": {"dataset": dataset, "seq_len": seq_len, **base_row["evaluated"]}}
     for name, path, reused in progress(rows, "evaluating"):
         made = path / api.REPORT_FILE

@@ -229,9 +229,9 @@ def notes(results: dict) -> list[str]:
                      "dtype at load (it keeps only INT4-group and INT8-channel weights packed), so "
                      "their resident memory and decode speed here are the base's kind; an engine "
                      "with native kernels for the format reads their size on disk.")
-    if results.get("serving_file"):
-        lines.append(f"Serving: from {results['serving_file']}; the key each number came from is in "
-                     "results.json.")
+    if results.get("serving_files"):
+        lines.append(f"Serving: from {', '.join(results['serving_files'])}; the key each number came "
+                     "from is in results.json.")
     return lines
 
 

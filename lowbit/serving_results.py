@@ -1,10 +1,11 @@
 """Serving numbers for `lowbit compare --serving FILE`: output throughput, TTFT and TPOT per
 checkpoint from a `lowbit bench serve` (or vLLM `bench serve`) JSON.
 
-The schema is not final, so this reads defensively and records which key each number came from:
-a single result, a list of results naming their model, or an object keyed by checkpoint name or
-path; the numbers at the top of a result or one level down (e.g. under "metrics"), a latency
-given as a number or as {"mean"|"median"|"p50": ...}.
+Read defensively, recording which key each number came from: one result per file (`lowbit bench
+serve --json`: {"config": {"model": ...}, "metrics": {"output_throughput", "ttft_ms": {"mean",
+...}, ...}}), a list of results naming their model, or an object keyed by checkpoint name or
+path; the numbers at the top of a result or one level down, a latency given as a number or as
+{"mean"|"median"|"p50": ...}.
 """
 
 from __future__ import annotations
@@ -57,29 +58,42 @@ def _matches(label: str, name: str, path: Path) -> bool:
     return label == name or Path(label).name == path.name or Path(label).resolve() == path.resolve()
 
 
-def read_serving(file: str | Path, rows: dict[str, Path]) -> dict[str, dict]:
-    """Serving numbers by row name (rows: name -> checkpoint directory) from FILE; rows the file
-    does not mention get none. LowbitError when the file names none of them."""
-    try:
-        data = json.loads(Path(file).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise LowbitError(f"--serving {file}: cannot read it as JSON ({e})") from None
-    keyed = isinstance(data, dict) and all(isinstance(v, dict) for v in data.values()) \
-        and numbers({k: v for k, v in data.items() if not isinstance(v, dict)}) is None
-    if keyed:
-        labelled = list(data.items())  # {checkpoint: result}
-    else:
-        results = data if isinstance(data, list) else [data]
-        labelled = [(next((str(r[k]) for k in MODEL_KEYS if k in r), None), r)
-                    for r in results if isinstance(r, dict)]
+def _label(result: dict) -> str | None:
+    """The model a result names, at its top or in its "config" (`lowbit bench serve`)."""
+    for scope in (result, result.get("config") or {}):
+        for k in MODEL_KEYS:
+            if isinstance(scope.get(k), str):
+                return scope[k]
+    return None
+
+
+def _results(data, rows: dict[str, Path]) -> list[tuple[str | None, dict]]:
+    if isinstance(data, list):
+        return [(_label(r), r) for r in data if isinstance(r, dict)]
+    if isinstance(data, dict) and any(isinstance(v, dict) and any(_matches(k, n, p) for n, p in rows.items())
+                                      for k, v in data.items()):
+        return [(k, v) for k, v in data.items() if isinstance(v, dict)]  # {checkpoint: result}
+    return [(_label(data), data)] if isinstance(data, dict) else []
+
+
+def read_serving(files, rows: dict[str, Path]) -> dict[str, dict]:
+    """Serving numbers by row name (rows: name -> checkpoint directory) from one or more FILEs;
+    rows no file mentions get none. LowbitError for a file that names none of them."""
+    files = [files] if isinstance(files, (str, Path)) else list(files)
     found: dict[str, dict] = {}
-    for label, result in labelled:
-        if label is None and len(labelled) == 1 and len(rows) == 2:  # one checkpoint and the base
-            label = next(n for n in rows if n != "base")
-        for name, path in rows.items():
-            if label is not None and _matches(label, name, path) and numbers(result):
-                found[name] = numbers(result)
-    if not found:
-        raise LowbitError(f"--serving {file}: no result names one of the compared checkpoints "
-                          f"({', '.join(rows)}) with an output_throughput, ttft or tpot")
+    for file in files:
+        try:
+            labelled = _results(json.loads(Path(file).read_text()), rows)
+        except (OSError, json.JSONDecodeError) as e:
+            raise LowbitError(f"--serving {file}: cannot read it as JSON ({e})") from None
+        if len(files) == 1 and len(labelled) == 1 and len(rows) == 2 and labelled[0][0] is None:
+            labelled = [(next(n for n in rows if n != "base"), labelled[0][1])]  # the one checkpoint
+        matched = False
+        for label, result in labelled:
+            for name, path in rows.items():
+                if label is not None and _matches(label, name, path) and numbers(result):
+                    found[name], matched = numbers(result), True
+        if not matched:
+            raise LowbitError(f"--serving {file}: no result names one of the compared checkpoints "
+                              f"({', '.join(rows)}) with an output_throughput, ttft or tpot")
     return found

@@ -59,7 +59,7 @@ def synthetic(gate=99.0) -> dict:
         "evaluation": {"dataset": "sharegpt", "windows": 4, "seq_len": 64, "compute_dtype": "float32"},
         "speed_method": {"prompt_tokens": 16, "new_tokens": 8, "repeats": 1, "threads": 1,
                          "dtype": "float32", "cpu": "test"},
-        "serving_file": "serve.json",
+        "serving_files": ["serve.json"],
     }
 
 
@@ -182,6 +182,17 @@ def test_serving_numbers_are_read_from_the_shapes_a_bench_may_write(tmp_path):
     assert s["FP8"]["tpot"] == 4.0 and "taken as ms" in s["FP8"]["keys"]["tpot"]
     f.write_text(json.dumps({"W4A16": {"output_throughput": 1.0}}))
     assert read_serving(f, rows)["W4A16"]["output_throughput"] == 1.0
+    # `lowbit bench serve --json`, one file per checkpoint
+    bench = tmp_path / "fp8.json"
+    bench.write_text(json.dumps({"config": {"model": "/m/out/FP8", "num_prompts": 8},
+                                 "metrics": {"completed": 8, "output_throughput": 55.5, "request_throughput": 1.0,
+                                             "ttft_ms": {"mean": 120.0, "median": 110.0, "p99": 300.0},
+                                             "tpot_ms": {"mean": 20.0, "median": 19.0}},
+                                 "requests": [{"ttft_ms": 1.0}], "machine": {"cpus": 2}}))
+    s = read_serving([f, bench], rows)
+    assert s["FP8"] == {"output_throughput": 55.5, "ttft": 120.0, "tpot": 20.0, "keys": {
+        "output_throughput": "output_throughput", "ttft": "ttft_ms.mean", "tpot": "tpot_ms.mean"}}
+    assert s["W4A16"]["output_throughput"] == 1.0
     f.write_text(json.dumps({"model": "other", "output_throughput": 1.0}))
     with pytest.raises(LowbitError, match="names one of"):
         read_serving(f, rows)
