@@ -400,16 +400,20 @@ def build_parser() -> argparse.ArgumentParser:
                        "with a pick, 1 when nothing passes, 2 on a usage error.")
     u.add_argument("model", help="the unquantized checkpoint directory")
     u.add_argument("out", help="output directory for the chosen checkpoint (written atomically)")
-    u.add_argument("--gate", type=_fraction, default=99.0, help="every recovery at least this %% (default: 99)")
+    u.add_argument("--gate", type=_fraction, default=99.0,
+                   help="every recovery at least this %% (default: 99)")
     u.add_argument("--budget-bits", type=_fraction, metavar="B", help="at most B bits per weight over the "
                    "quantized Linears, kept layers counted at 16")
     u.add_argument("--candidates", default="W4A16,W8A8_INT8,FP8", metavar="S1,S2",
                    help="schemes cheapest first, NAME[:ALGORITHM] (default: W4A16,W8A8_INT8,FP8)")
-    u.add_argument("--dataset", default="sharegpt", help="calibration and evaluation data (default: sharegpt)")
+    u.add_argument("--dataset", default="sharegpt",
+                   help="calibration and evaluation data (default: sharegpt)")
     u.add_argument("--samples", type=_positive, default=128, help="calibration samples (default: 128)")
-    u.add_argument("--seq-len", type=_positive, default=512, help="tokens per sample and window (default: 512)")
+    u.add_argument("--seq-len", type=_positive, default=512,
+                   help="tokens per sample and window (default: 512)")
     u.add_argument("--windows", type=_positive, default=32, help="evaluation windows (default: 32)")
-    u.add_argument("--device", default="auto", help="where quantization and evaluation run (default: auto)")
+    u.add_argument("--device", default="auto",
+                   help="where quantization and evaluation run (default: auto)")
     _add_compute_dtype(u, "quantization and evaluation run in")
     u.set_defaults(func=_cmd_auto)
 

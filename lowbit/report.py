@@ -172,7 +172,7 @@ def table(results: dict, analysis: dict) -> tuple[list[str], list[list[str]]]:
     serving = sorted({k for r in [results["base"], *rows] for k in (r.get("serving") or {}).get("keys", {})})
     header = ["checkpoint", "size on disk (MiB)", "bits/weight", "bytes/token (MiB)", *metrics,
               *[f"recovery {m}" for m in recovered], "decode tok/s", "prefill tok/s",
-              "resident memory (MiB)", *[f"{k} ({_unit(k)})" for k in serving], "gate"]
+              "resident memory (MiB)", "peak RSS (MiB)", *[f"{k} ({_unit(k)})" for k in serving], "gate"]
     body = []
     for r in [dict(results["base"], recovery={}, passed=None), *rows]:
         sp, sv, ref = r.get("speed") or {}, r.get("serving") or {}, r["passed"] is None
@@ -181,7 +181,8 @@ def table(results: dict, analysis: dict) -> tuple[list[str], list[list[str]]]:
                      _num(r["bytes_per_token"] / 2**20, ".2f"), *[_num(r["metrics"].get(m)) for m in metrics],
                      *["reference" if ref else _pct(r["recovery"].get(m)) for m in recovered],
                      _num(sp.get("decode_tok_s"), ".1f"), _num(sp.get("prefill_tok_s"), ".1f"),
-                     _num(sp["memory_bytes"] / 2**20 if sp.get("memory_bytes") else None, ".1f"),
+                     *[_num(sp[k] / 2**20 if sp.get(k) else None, ".1f")
+                       for k in ("memory_bytes", "peak_rss_bytes")],
                      *[_num(sv.get(k)) for k in serving], gate])
     return header, body
 
@@ -218,7 +219,9 @@ def notes(results: dict) -> list[str]:
                      f"{sm['cpu']}. prefill tok/s = "
                      "prompt tokens / prefill seconds; decode tok/s = decode steps / decode seconds. "
                      "memory = resident weights (parameters and buffers, packed) + the KV cache for the "
-                     "measured context; process peak RSS is in results.json.")
+                     "measured context; peak RSS = the process's high-water mark from loading the "
+                     "model to the end of its timing (Python, torch and transformers included; Linux "
+                     "VmHWM, reset before each model).")
     else:
         lines.append("Speed: not measured (pass --speed).")
     base_weights = ((results["base"].get("speed") or {}).get("weights_bytes") or 0) * 0.9
