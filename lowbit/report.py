@@ -268,6 +268,7 @@ def html(results: dict, analysis: dict, pngs: dict[str, bytes]) -> str:
 body {{ font-family: sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; font-size: 0.85em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: right; }}
+td {{ white-space: nowrap; }}
 td:first-child, th {{ text-align: left; }}
 .pass {{ background: #d9f2d9; }} .fail {{ background: #f7d4d4; }}
 figure {{ display: inline-block; margin: 1em; }} img {{ max-width: 100%; }}
