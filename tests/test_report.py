@@ -341,3 +341,28 @@ def test_report_renders_in_chromium_with_no_errors_and_visible_plots(tmp_path):
     bare = tmp_path / "bare.html"
     bare.write_text(re.sub(r"<img[^>]*>", "", page.read_text()))
     assert _colored_pixels(bare) < 100
+
+
+# ------------------------------------------------------------------------------ the real model
+
+@pytest.mark.e2e
+def test_compare_on_smollm2_counts_bits_and_bytes_from_its_shapes(smollm2_dir, tmp_path):
+    """FP8_DYNAMIC (data-free) against the real model on ShareGPT: bits per weight and bytes per
+    token from SmolLM2's shapes by hand, and a near-lossless FP8 scoring as one."""
+    out = tmp_path / "cmp"
+    code, stdout, stderr = run_cli("compare", smollm2_dir, "--schemes", "FP8_DYNAMIC", "--out", out,
+                                   "--windows", "2", "--seq-len", "64", "--gate", "50")
+    assert code == 0, stderr
+    r = json.loads((out / "results.json").read_text())
+    row = r["checkpoints"][0]
+    h, i, kv, layers, vocab = 576, 1536, 3 * 64, 30, 49152
+    shapes = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]  # q k v o gate up down
+    params = layers * sum(o * n for o, n in shapes)
+    channels = layers * sum(o for o, _ in shapes)  # one bf16 scale per output channel
+    assert row["bits_per_weight"] == pytest.approx(8 + 16 * channels / params)
+    # tied embeddings: the table is the lm_head, read whole every step; plus the norms (bf16)
+    norms = 2 * (layers * 2 * h + h)
+    assert row["bytes_per_token"] == params + 2 * channels + 2 * vocab * h + norms
+    assert r["base"]["bytes_per_token"] == 2 * (params + vocab * h) + norms
+    m = row["metrics"]
+    assert m["kl"] < 0.1 and m["top1"] > 0.8 and r["analysis"]["rows"][0]["passed"]
