@@ -92,7 +92,7 @@ def auto(model: str | Path, out: str | Path, *, gate: float = 99.0, budget_bits:
                 raise LowbitError(f"{path} keeps other layers than {sorted(order[:k])}: remove it")
             if not path.exists():
                 quantize_into(model, path, scheme, algorithm, dict(
-                    quantize_options, ignore=[f"model.layers.{i}.*" for i in order[:k]]))
+                    quantize_options, ignore=[f"layers.{i}.*" for i in order[:k]]))
             bits = sizes(path, model, quantized)["bits_per_weight"]
             if budget_bits is not None and bits > budget_bits:
                 notes.append(f"{keep}: {bits:.2f} bits per weight exceeds the budget of {budget_bits:g}")
