@@ -137,6 +137,43 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     print(json.dumps(r, indent=2)) if a.json else _print_eval(r)
 
 
+def _print_compare(c: dict) -> None:
+    from .report import markdown
+
+    print(markdown(c["results"], c["analysis"]), end="")
+
+
+def _cmd_compare(a: argparse.Namespace) -> int:
+    from .compare import compare
+
+    c = compare(a.base, a.checkpoints, out=a.out, schemes=a.schemes, gate=a.gate, speed=a.speed,
+                serving=a.serving, dataset=a.dataset, samples=a.samples, seq_len=a.seq_len,
+                windows=a.windows, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens,
+                repeats=a.repeats, device=a.device, compute=a.compute_dtype, fresh=a.fresh)
+    _print_compare(c)
+    print(f"wrote {Path(a.out) / 'report.md'}, report.html and results.json")
+    return 0 if c["analysis"]["any_passed"] else 1
+
+
+def _cmd_auto(a: argparse.Namespace) -> int:
+    from .auto import auto
+
+    r = auto(a.model, a.out, gate=a.gate, budget_bits=a.budget_bits, candidates=a.candidates,
+             dataset=a.dataset, samples=a.samples, seq_len=a.seq_len, windows=a.windows,
+             device=a.device, compute=a.compute_dtype)
+    rows = {row["name"]: row for row in r["compare"]["analysis"]["rows"]}
+    for name in r["tried"]:
+        row = rows[name]
+        worst = min(row["recovery"].values(), default=0.0)
+        print(f"{name:<22} {row['bits_per_weight'] or 16:5.2f} bits/weight  worst recovery "
+              f"{worst:.2%}  {'PASS' if row['passed'] else 'FAIL (' + ', '.join(row['failing']) + ')'}")
+    for note in r["notes"]:
+        print(f"skipped {note}")
+    print(f"wrote {r['out']} ({r['pick']})" if r["pick"] else f"nothing passes the {a.gate:g} % gate")
+    print(f"report: {Path(r['report']) / 'report.html'}")
+    return 0 if r["pick"] else 1
+
+
 def _print_verify(r: dict) -> None:
     print(f"vLLM {r['vllm']} ({r['isa']}) vs lowbit runtime, {r['dtype']}, {r['prompts']} held-out "
           f"prompts of {r['seq_len']} tokens, teacher-forced")
@@ -439,6 +476,68 @@ def build_parser() -> argparse.ArgumentParser:
     r.set_defaults(func=_cmd_generate)
 
     _add_serve(sub)
+
+    c = sub.add_parser("compare", help="quantize/evaluate several checkpoints side by side; report",
+                       description="Evaluate checkpoints (and BASE quantized with --schemes) against "
+                       "BASE and write OUT/results.json, report.md and a self-contained report.html: "
+                       "size, bits per weight, ppl, KL, top-1, recovery per metric, speed, PASS/FAIL "
+                       "against the gate, plots, and a recommendation per deployment. Exit 0 when a "
+                       "checkpoint passes, 1 when none does, 2 on a usage error.")
+    c.add_argument("base", help="the unquantized checkpoint directory")
+    c.add_argument("checkpoints", nargs="*", help="quantized checkpoint directories to compare")
+    c.add_argument("--schemes", metavar="S1,S2", help="also quantize BASE with these schemes into "
+                   "OUT/<scheme>/ (NAME:ALGORITHM picks rtn, gptq or mr-gptq, e.g. MXFP4:mr-gptq); a "
+                   "finished output there is reused, a killed one resumed")
+    c.add_argument("--out", required=True, help="report directory (report files are replaced whole)")
+    c.add_argument("--gate", type=_fraction, default=99.0, help="PASS when every metric's recovery is "
+                   "at least this percentage (default: 99, MLPerf's bar; 99.9 for the high-accuracy one)")
+    c.add_argument("--speed", action="store_true", help="also time every model in lowbit's runtime at "
+                   "batch 1 (prefill and decode tok/s, resident memory)")
+    c.add_argument("--prompt-tokens", type=_positive, default=128,
+                   help="--speed prompt length (default: 128)")
+    c.add_argument("--new-tokens", type=_positive, default=32, help="--speed new tokens (default: 32)")
+    c.add_argument("--repeats", type=_positive, default=2,
+                   help="--speed runs per model, best kept (default: 2)")
+    c.add_argument("--serving", nargs="+", metavar="FILE", help="serving results for the "
+                   "throughput-bound pick: `lowbit bench serve --json` files (one per checkpoint, "
+                   "matched by the model they name) or one JSON keyed by checkpoint name")
+    c.add_argument("--dataset", default="sharegpt",
+                   help="calibration and evaluation data (default: sharegpt)")
+    c.add_argument("--samples", type=_positive, default=128,
+                   help="calibration samples for --schemes (default: 128)")
+    c.add_argument("--seq-len", type=_positive, default=512, help="tokens per calibration sample and "
+                   "evaluation window (default: 512)")
+    c.add_argument("--windows", type=_positive, default=32, help="evaluation windows (default: 32)")
+    c.add_argument("--device", default="auto", help="where quantization and evaluation run (default: auto)")
+    _add_compute_dtype(c, "quantization, evaluation and --speed run in")
+    c.add_argument("--fresh", action="store_true", help="evaluate and time everything again (default: "
+                   "reuse what OUT/results.json measured on unchanged files with the same settings)")
+    c.set_defaults(func=_cmd_compare)
+
+    u = sub.add_parser("auto", help="the cheapest scheme that passes an accuracy gate",
+                       description="Try schemes from cheapest to safest (each evaluated against MODEL "
+                       "as in compare); if none passes, keep the cheapest one's worst decoder layers "
+                       "unquantized (1, 2, 4, ... by the per-layer report) until it passes. Writes the "
+                       "pick to OUT and every candidate and the compare report to OUT.auto/. Exit 0 "
+                       "with a pick, 1 when nothing passes, 2 on a usage error.")
+    u.add_argument("model", help="the unquantized checkpoint directory")
+    u.add_argument("out", help="output directory for the chosen checkpoint (written atomically)")
+    u.add_argument("--gate", type=_fraction, default=99.0,
+                   help="every recovery at least this %% (default: 99)")
+    u.add_argument("--budget-bits", type=_fraction, metavar="B", help="at most B bits per weight over the "
+                   "quantized Linears, kept layers counted at 16")
+    u.add_argument("--candidates", default="W4A16,W8A8_INT8,FP8", metavar="S1,S2",
+                   help="schemes cheapest first, NAME[:ALGORITHM] (default: W4A16,W8A8_INT8,FP8)")
+    u.add_argument("--dataset", default="sharegpt",
+                   help="calibration and evaluation data (default: sharegpt)")
+    u.add_argument("--samples", type=_positive, default=128, help="calibration samples (default: 128)")
+    u.add_argument("--seq-len", type=_positive, default=512,
+                   help="tokens per sample and window (default: 512)")
+    u.add_argument("--windows", type=_positive, default=32, help="evaluation windows (default: 32)")
+    u.add_argument("--device", default="auto",
+                   help="where quantization and evaluation run (default: auto)")
+    _add_compute_dtype(u, "quantization and evaluation run in")
+    u.set_defaults(func=_cmd_auto)
 
     g = sub.add_parser("import-gguf", help="convert a GGUF file into a Hugging Face checkpoint directory")
     g.add_argument("gguf", help="the .gguf file")
