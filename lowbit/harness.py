@@ -126,8 +126,8 @@ def _build(TemplateLM: type) -> type:
 
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
             """Greedy completions ending at the task's `until` strings or EOS, through
-            quality.complete (one place to batch later); requests sharing generation settings
-            (all of a task's, as a rule) go there together."""
+            quality.complete (batch_size decoding together); requests sharing generation
+            settings (all of a task's, as a rule) go there together."""
             from .quality import complete
 
             eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
@@ -145,7 +145,7 @@ def _build(TemplateLM: type) -> type:
             out = [""] * len(requests)
             for (new, stop), items in groups.items():
                 texts = complete(self.model, self.tokenizer, [ids for _, ids in items],
-                                 max_tokens=new, stop=stop)
+                                 max_tokens=new, stop=stop, batch=self.batch_size)
                 for (n, _), text in zip(items, texts):
                     out[n] = text
             return out
