@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -153,9 +154,12 @@ def _build(TemplateLM: type) -> type:
     return LowbitLM
 
 
-def task_names(specs: list[str]) -> tuple[list[str], object]:
-    """lm-eval task names for `specs` (names, or paths to task YAML files) and the TaskManager
-    that knows them all."""
+def task_names(specs: str | Sequence[str]) -> tuple[list[str], object]:
+    """lm-eval task names for `specs` (names, or paths to task YAML files; or one string of
+    them separated by commas, as the CLI takes them) and the TaskManager that knows them all."""
+    specs = [t.strip() for t in specs.split(",") if t.strip()] if isinstance(specs, str) else list(specs)
+    if not specs:
+        raise LowbitError("--tasks names no task")
     lm_eval = _lm_eval()
     paths = [Path(s) for s in specs if s.endswith((".yaml", ".yml"))]
     for p in paths:

@@ -98,27 +98,46 @@ def prompt_budget(max_positions: int | None, max_new_tokens: int) -> int:
     return min(MAX_PROMPT_TOKENS, room)
 
 
-def generation_quality(model: str | Path, baseline: str | Path | None, prompts: Prompts, *,
-                       max_new_tokens: int, dtype: torch.dtype) -> dict:
-    """Answer `prompts` greedily with `model` and `baseline` (one loaded at a time, each through
-    lowbit's runtime in `dtype`) and score() the answers."""
-    from .memory import release_memory
-    from .runtime.generate import model_and_tokenizer
+def remembered(reuse: dict | None, key: tuple, compute):
+    """compute(), or what it returned for `key` before in `reuse`: a dict several evaluate()
+    calls share (lowbit compare passes one), so a baseline they have in common is answered
+    and scored once. Keys name the model's path and every setting the value depends on."""
+    if reuse is None:
+        return compute()
+    if key not in reuse:
+        reuse[key] = compute()
+    return reuse[key]
 
+
+def generation_quality(model: str | Path, baseline: str | Path | None, prompts: Prompts, *,
+                       max_new_tokens: int, dtype: torch.dtype, reuse: dict | None = None) -> dict:
+    """Answer `prompts` greedily with `model` and `baseline` (one loaded at a time, each through
+    lowbit's runtime in `dtype`) and score() the answers; answers already in `reuse` (see
+    remembered()) are not generated again."""
     start = time.perf_counter()
     answers = {}
     for name, path in (("model", model), ("baseline", baseline)):
-        if path is None:
-            continue
-        net, tokenizer = model_and_tokenizer(path, None, dtype)
-        answers[name] = complete(net, tokenizer, prompts.messages, max_tokens=max_new_tokens,
-                                 desc=f"answering ({name})")
-        del net
-        release_memory()
+        if path is not None:
+            key = ("answers", str(Path(path).resolve()), str(dtype), max_new_tokens, repr(prompts.messages))
+            answers[name] = remembered(reuse, key, lambda: _answers(path, prompts, max_new_tokens, dtype, name))
     out = score(answers["model"], answers.get("baseline"), prompts.references)
     out.update(max_new_tokens=max_new_tokens, prompts_skipped=prompts.skipped,
                seconds=time.perf_counter() - start)
     return out
+
+
+def _answers(path: str | Path, prompts: Prompts, max_new_tokens: int, dtype: torch.dtype,
+             name: str) -> list[str]:
+    from .memory import release_memory
+    from .runtime.generate import model_and_tokenizer
+
+    net, tokenizer = model_and_tokenizer(path, None, dtype)
+    try:
+        return complete(net, tokenizer, prompts.messages, max_tokens=max_new_tokens,
+                        desc=f"answering ({name})")
+    finally:
+        del net
+        release_memory()
 
 
 def complete(model, tokenizer, prompts: Sequence, *, max_tokens: int, stop: Sequence[str] = (),
