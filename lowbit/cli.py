@@ -163,7 +163,7 @@ def _cmd_auto(a: argparse.Namespace) -> int:
     rows = {row["name"]: row for row in r["compare"]["analysis"]["rows"]}
     for name in r["tried"]:
         row = rows[name]
-        worst = min(row["recovery"].values(), default=0.0)
+        worst = row["min_recovery"] or 0.0  # over defined recoveries (a base scoring 0 has none)
         print(f"{name:<22} {row['bits_per_weight'] or 16:5.2f} bits/weight  worst recovery "
               f"{worst:.2%}  {'PASS' if row['passed'] else 'FAIL (' + ', '.join(row['failing']) + ')'}")
     for note in r["notes"]:
