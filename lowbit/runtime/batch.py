@@ -214,7 +214,9 @@ def generate_batch(model: nn.Module, tokenizer, prompts: Sequence, *, max_tokens
     slots = min(batch, len(ids))
     decoder = BatchDecoder(model, slots, max(len(i) for i in ids) + max_tokens)
     eos, texts = eos_ids(model, tokenizer), {}
-    waiting, free, running = deque(range(len(ids))), list(range(slots)), {}  # running: slot -> request
+    # longest prompts first, so prompts prefilled together are padded little (results keep their order)
+    waiting = deque(sorted(range(len(ids)), key=lambda n: -len(ids[n])))
+    free, running = list(range(slots)), {}  # running: slot -> request
 
     def emit(slot: int, logits: torch.Tensor) -> None:
         n, g = running[slot], out[running[slot]]
