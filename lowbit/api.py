@@ -185,7 +185,7 @@ def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: 
              windows: int = 32, seq_len: int = 512, device: str = "auto",
              compute: str = "auto", generate: int = 0, max_new_tokens: int = 64,
              tasks: str | list[str] | tuple[str, ...] = (), limit: int | None = None,
-             num_fewshot: int | None = None) -> dict:
+             num_fewshot: int | None = None, reuse: dict | None = None) -> dict:
     """Perplexity of `model` on held-out windows of `dataset` (its evaluation split); with a
     `baseline`, also mean next-token KL(baseline || model) and top-1 agreement. Both models run
     in one `compute` dtype, chosen for `model`'s stored dtype as in quantize().
@@ -195,7 +195,9 @@ def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: 
     baseline, against the baseline's answers, exact matches and recovery (lowbit/quality.py).
     `tasks` (lm-eval names or task YAML paths; needs the lm-eval extra) adds lm-eval's scores,
     on at most `limit` documents per task with `num_fewshot` examples (lowbit/harness.py).
-    Both run lowbit's CPU runtime, packed kernels included."""
+    Both run lowbit's CPU runtime, packed kernels included. `reuse`: a dict shared by several
+    calls, in which each model's answers and task scores are kept (quality.remembered), so a
+    baseline common to them is answered and scored once."""
     from .metrics import compare
 
     start = time.perf_counter()
@@ -207,13 +209,11 @@ def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: 
                            ("limit", limit, 1), ("num_fewshot", num_fewshot, 0)):
         if n is not None and n < least:
             raise LowbitError(f"{name} must be at least {least}, got {n}")
-    if isinstance(tasks, str):  # "arc_easy,hellaswag", as the CLI takes it
-        tasks = [t.strip() for t in tasks.split(",") if t.strip()]
     resolved = None
     if tasks:  # before the long part: a missing lm-eval or an unknown task fails now
         from . import harness
 
-        resolved = harness.task_names(list(tasks))
+        resolved = harness.task_names(tasks)  # a list, or "a,b" as the CLI takes it
     tokenizer = load_tokenizer(path)
     texts = data.read_records(dataset)
     wins = data.eval_windows(tokenizer, texts, windows=windows, seq_len=seq_len)
@@ -236,15 +236,17 @@ def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: 
                   windows=len(wins), seq_len=seq_len, size_bytes=_dir_size(path), device=str(where),
                   compute_dtype=forward.as_dict())
     if generate:
-        result["generation"] = quality.generation_quality(path, baseline, prompts,
-                                                          max_new_tokens=max_new_tokens, dtype=forward.dtype)
+        result["generation"] = quality.generation_quality(path, baseline, prompts, max_new_tokens=max_new_tokens,
+                                                          dtype=forward.dtype, reuse=reuse)
     if tasks:
         from . import harness
+        from .quality import remembered
 
         run = dict(limit=limit, num_fewshot=num_fewshot, dtype=forward.dtype)
-        scores = harness.scores(path, *resolved, **run)
-        base_scores = harness.scores(baseline, *resolved, **run) if baseline is not None else None
-        result["tasks"] = harness.table(scores, base_scores)
+        scores = [None if p is None else remembered(
+            reuse, ("tasks", str(Path(p).resolve()), repr(resolved[0]), repr(run)),
+            lambda p=p: harness.scores(p, *resolved, **run)) for p in (path, baseline)]
+        result["tasks"] = harness.table(*scores)
         result["tasks_options"] = {"limit": limit, "num_fewshot": num_fewshot}
     result["seconds"] = time.perf_counter() - start
     return result

@@ -54,6 +54,7 @@ def auto(model: str | Path, out: str | Path, *, gate: float = 99.0, budget_bits:
     from .schemes import get_scheme
 
     model, out = Path(model), Path(out)
+    options = {"reuse": {}, **options}  # MODEL's answers and task scores, once for every compare() call
     check_output(out, False)
     work = out.with_name(out.name + ".auto")
     plan = [c for c in parse_schemes(candidates)

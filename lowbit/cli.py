@@ -131,9 +131,7 @@ def _cmd_eval(a: argparse.Namespace) -> None:
     from . import api
 
     r = api.evaluate(a.model, a.baseline, dataset=a.dataset, windows=a.windows, seq_len=a.seq_len,
-                     device=a.device, compute=a.compute_dtype, generate=a.generate,
-                     max_new_tokens=a.max_new_tokens, tasks=a.tasks or (),
-                     limit=a.limit, num_fewshot=a.num_fewshot)
+                     device=a.device, compute=a.compute_dtype, **_quality(a))
     print(json.dumps(r, indent=2)) if a.json else _print_eval(r)
 
 
@@ -149,7 +147,8 @@ def _cmd_compare(a: argparse.Namespace) -> int:
     c = compare(a.base, a.checkpoints, out=a.out, schemes=a.schemes, gate=a.gate, speed=a.speed,
                 serving=a.serving, dataset=a.dataset, samples=a.samples, seq_len=a.seq_len,
                 windows=a.windows, prompt_tokens=a.prompt_tokens, new_tokens=a.new_tokens,
-                repeats=a.repeats, device=a.device, compute=a.compute_dtype, fresh=a.fresh)
+                repeats=a.repeats, device=a.device, compute=a.compute_dtype, fresh=a.fresh,
+                eval_options=_quality(a))
     _print_compare(c)
     print(f"wrote {Path(a.out) / 'report.md'}, report.html and results.json")
     return 0 if c["analysis"]["any_passed"] else 1
@@ -160,11 +159,11 @@ def _cmd_auto(a: argparse.Namespace) -> int:
 
     r = auto(a.model, a.out, gate=a.gate, budget_bits=a.budget_bits, candidates=a.candidates,
              dataset=a.dataset, samples=a.samples, seq_len=a.seq_len, windows=a.windows,
-             device=a.device, compute=a.compute_dtype)
+             device=a.device, compute=a.compute_dtype, eval_options=_quality(a))
     rows = {row["name"]: row for row in r["compare"]["analysis"]["rows"]}
     for name in r["tried"]:
         row = rows[name]
-        worst = min(row["recovery"].values(), default=0.0)
+        worst = row["min_recovery"] or 0.0  # over defined recoveries (a base scoring 0 has none)
         print(f"{name:<22} {row['bits_per_weight'] or 16:5.2f} bits/weight  worst recovery "
               f"{worst:.2%}  {'PASS' if row['passed'] else 'FAIL (' + ', '.join(row['failing']) + ')'}")
     for note in r["notes"]:
@@ -347,6 +346,29 @@ def _add_compute_dtype(parser: argparse.ArgumentParser, what: str) -> None:
                         "faster where bf16 is emulated (AVX2 CPUs)")
 
 
+def _add_quality(parser: argparse.ArgumentParser) -> None:
+    """eval's, compare's and auto's --generate and --tasks (read back by _quality)."""
+    parser.add_argument("--generate", type=_positive, default=0, metavar="N",
+                        help="also answer the first N held-out chat prompts greedily and report ROUGE-1/2/L "
+                        "against the dataset's replies and the baseline's answers, exact matches with "
+                        "the baseline and recovery with a bootstrap 95%% interval")
+    parser.add_argument("--max-new-tokens", type=_positive, default=64, metavar="N",
+                        help="new tokens per answer at most, with --generate (default: 64)")
+    parser.add_argument("--tasks", metavar="T1,T2", help="lm-evaluation-harness tasks (needs "
+                        "pip install 'lowbit[lm-eval]'): names such as hellaswag, arc_easy, gsm8k, mmlu "
+                        "(their data come from the Hugging Face hub), or paths to task YAML files")
+    parser.add_argument("--limit", type=_positive, metavar="N", help="at most N documents per task")
+    parser.add_argument("--num-fewshot", type=_count, metavar="K", help="few-shot examples per "
+                        "prompt (default: each task's own)")
+
+
+def _quality(a: argparse.Namespace) -> dict:
+    """lowbit.evaluate's options from _add_quality's arguments, only those in use (so compare's
+    results.json keys of runs without them stay valid)."""
+    out = dict(generate=a.generate, max_new_tokens=a.max_new_tokens) if a.generate else {}
+    return {**out, **(dict(tasks=a.tasks, limit=a.limit, num_fewshot=a.num_fewshot) if a.tasks else {})}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lowbit", description="Calibrate, quantize and evaluate LLMs; "
                                 "writes compressed-tensors checkpoints vLLM serves as they are.")
@@ -419,18 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seq-len", type=_positive, default=512, help="tokens per window (default: 512)")
     e.add_argument("--device", default="auto", help="auto (a CUDA GPU when torch sees one), cpu, "
                    "cuda or cuda:N")
-    e.add_argument("--generate", type=_positive, default=0, metavar="N",
-                   help="also answer the first N held-out chat prompts greedily and report ROUGE-1/2/L "
-                   "against the dataset's replies and (with --baseline) the baseline's answers, "
-                   "exact matches with the baseline and recovery with a bootstrap 95%% interval")
-    e.add_argument("--max-new-tokens", type=_positive, default=64, metavar="N",
-                   help="new tokens per answer at most, with --generate (default: 64)")
-    e.add_argument("--tasks", metavar="T1,T2", help="lm-evaluation-harness tasks (needs "
-                   "pip install 'lowbit[lm-eval]'): names such as hellaswag, arc_easy, gsm8k, mmlu "
-                   "(their data come from the Hugging Face hub), or paths to task YAML files")
-    e.add_argument("--limit", type=_positive, metavar="N", help="at most N documents per task")
-    e.add_argument("--num-fewshot", type=_count, metavar="K", help="few-shot examples per "
-                   "prompt (default: each task's own)")
+    _add_quality(e)
     _add_compute_dtype(e, "both models run in")
     e.add_argument("--json", action="store_true", help="print the result as JSON")
     e.set_defaults(func=_cmd_eval)
@@ -505,6 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "evaluation window (default: 512)")
     c.add_argument("--windows", type=_positive, default=32, help="evaluation windows (default: 32)")
     c.add_argument("--device", default="auto", help="where quantization and evaluation run (default: auto)")
+    _add_quality(c)
     _add_compute_dtype(c, "quantization, evaluation and --speed run in")
     c.add_argument("--fresh", action="store_true", help="evaluate and time everything again (default: "
                    "reuse what OUT/results.json measured on unchanged files with the same settings)")
@@ -532,6 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--windows", type=_positive, default=32, help="evaluation windows (default: 32)")
     u.add_argument("--device", default="auto",
                    help="where quantization and evaluation run (default: auto)")
+    _add_quality(u)
     _add_compute_dtype(u, "quantization and evaluation run in")
     u.set_defaults(func=_cmd_auto)
 

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 PLOTS = {"recovery_vs_bytes.png", "recovery_vs_speed.png", "worst_layers.png"}
 # eval-result keys that describe the run, not the model's quality
 BOOKKEEPING = {"tokens", "windows", "seq_len", "size_bytes", "seconds", "baseline_ppl", "compute_dtype",
-               "samples", "limit", "count", "n", "stderr", "ci", "ci_low", "ci_high", "interval"}
+               "samples", "limit", "count", "n", "stderr", "ci", "ci_low", "ci_high", "interval",
+               "prompts", "prompts_skipped", "max_new_tokens", "bootstrap", "tasks_options"}
 
 
 def _headers(path: Path) -> dict[str, tuple[str, list[int], int]]:
@@ -125,14 +126,19 @@ def _default_algorithm(scheme: str) -> str:
 
 
 def metrics_of(result: dict, prefix: str = "") -> dict[str, float]:
-    """Every numeric score in an evaluate() result, nested dicts flattened with dots (task scores
-    and generation quality plug in as they are), bookkeeping keys left out."""
+    """Every numeric score in an evaluate() result, nested dicts flattened with dots, bookkeeping
+    keys left out. A score evaluate() gives with its interval ({"mean", "ci95"}) or beside the
+    baseline's ({"model", "baseline", "recovery"}: ROUGE against the references, task scores)
+    is the model's value alone, named as the base's own evaluation names it, so the two meet in
+    one column and report.recovery divides them; task scores' "metrics" level is dropped."""
     out = {}
     for k, v in result.items():
         if k in BOOKKEEPING or k.endswith("_stderr"):
             continue
+        if isinstance(v, dict) and ("model" in v or "mean" in v):
+            v = v.get("model", v.get("mean"))
         if isinstance(v, dict):
-            out.update(metrics_of(v, f"{prefix}{k}."))
+            out.update(metrics_of(v, prefix if k == "metrics" else f"{prefix}{k}."))
         elif isinstance(v, (int, float)) and not isinstance(v, bool):
             out[prefix + k] = float(v)
     return out
@@ -162,8 +168,9 @@ def _previous(out: Path) -> dict:
     return found
 
 
-def _evaluated(cache: dict, path: Path, base: Path | None, opts: dict) -> dict:
-    """{"metrics", "evaluated", "eval_key"} of `path` against `base`: from the cache or measured."""
+def _evaluated(cache: dict, path: Path, base: Path | None, opts: dict, reuse: dict) -> dict:
+    """{"metrics", "evaluated", "eval_key"} of `path` against `base`: from the cache or measured
+    (`reuse`: answers and task scores this run already has, see api.evaluate)."""
     from . import api
 
     key = _key(path, base, opts)
@@ -171,7 +178,7 @@ def _evaluated(cache: dict, path: Path, base: Path | None, opts: dict) -> dict:
     if hit:
         log.info("reusing the evaluation of %s from results.json", path)
         return {**hit, "eval_key": key}
-    r = api.evaluate(path, base, **opts)
+    r = api.evaluate(path, base, reuse=reuse, **opts)
     return {"metrics": metrics_of(r), "eval_key": key, "evaluated": {
         "windows": r["windows"], "tokens": r["tokens"], "compute_dtype": r["compute_dtype"]["dtype"]}}
 
@@ -181,13 +188,15 @@ def compare(base: str | Path, checkpoints=(), *, out: str | Path, schemes: str |
             dataset: str = "sharegpt", samples: int = 128, seq_len: int = 512, windows: int = 32,
             prompt_tokens: int = 128, new_tokens: int = 32, repeats: int = 2,
             device: str = "auto", compute: str = "auto", fresh: bool = False,
-            eval_options: dict | None = None) -> dict:
+            eval_options: dict | None = None, reuse: dict | None = None) -> dict:
     """Compare `checkpoints` (directories) and BASE quantized with `schemes` ("S1,S2[:algorithm]",
     into OUT/<scheme>/) against BASE; write the report into OUT. Returns {"results", "analysis"}
     (analysis["any_passed"] is False when nothing passes `gate` %). `serving`: serving result
-    files (see serving_results.py). `eval_options` are passed to
-    lowbit.evaluate for every model. Evaluations and timings in OUT/results.json whose files and
-    settings are unchanged are reused unless `fresh`."""
+    files (see serving_results.py). `eval_options` (generate, max_new_tokens, tasks, limit,
+    num_fewshot) are passed to lowbit.evaluate for every model; BASE's answers and task scores
+    are computed once and kept in `reuse` (a dict; auto() passes one across its calls).
+    Evaluations and timings in OUT/results.json whose files and settings are unchanged are
+    reused unless `fresh`."""
     from . import api, report
     from .hardware import cpu_isa
     from .runtime.timing import cpu_name, measure_speed
@@ -198,6 +207,10 @@ def compare(base: str | Path, checkpoints=(), *, out: str | Path, schemes: str |
         raise LowbitError(f"--gate must be a positive percentage, got {gate}")
     if (out / "config.json").exists():
         raise LowbitError(f"{out} is a checkpoint directory; give compare an output directory of its own")
+    if (eval_options or {}).get("tasks"):  # a missing lm-eval or an unknown task fails before quantizing
+        from .harness import task_names
+
+        task_names(eval_options["tasks"])
     rows = [(Path(c).name, Path(c), None) for c in checkpoints]
     planned = parse_schemes(schemes) if schemes else []
     for name, scheme, algorithm in progress(planned, "quantizing"):
@@ -214,19 +227,20 @@ def compare(base: str | Path, checkpoints=(), *, out: str | Path, schemes: str |
     linears = set().union(*(quantized_linears(p) for _, p, _ in rows))
     opts = dict(dataset=dataset, windows=windows, seq_len=seq_len, device=device, compute=compute,
                 **(eval_options or {}))
-    cache = {} if fresh else _previous(out)
+    cache, reuse = {} if fresh else _previous(out), {} if reuse is None else reuse
     base_row = {"name": "base", "path": str(base), **sizes(base, base, linears),
-                "serving": serving_rows.get("base"), **_evaluated(cache, base, None, opts)}
+                "serving": serving_rows.get("base"), **_evaluated(cache, base, None, opts, reuse)}
     results = {"gate": gate, "base": base_row, "checkpoints": [],
                "serving_files": [str(f) for f in serving],
-               "evaluation": {"dataset": dataset, "seq_len": seq_len, **base_row["evaluated"]}}
+               "evaluation": {"dataset": dataset, "seq_len": seq_len, **base_row["evaluated"],
+                              **(eval_options or {})}}
     for name, path, reused in progress(rows, "evaluating"):
         made = path / api.REPORT_FILE
         made = json.loads(made.read_text()) if made.is_file() else {}
         results["checkpoints"].append({
             "name": name, "path": str(path), "scheme": made.get("scheme"),
             "algorithm": made.get("algorithm"), "reused": reused, **sizes(path, base, linears),
-            "serving": serving_rows.get(name), **_evaluated(cache, path, base, opts),
+            "serving": serving_rows.get(name), **_evaluated(cache, path, base, opts, reuse),
             "calibration": {k: made.get(k) for k in ("dataset", "samples", "calibration_tokens")},
             "layer_error": made.get("error"), "layers": made.get("layers") or []})
     results["speed_method"] = None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -126,8 +127,8 @@ def _build(TemplateLM: type) -> type:
 
         def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
             """Greedy completions ending at the task's `until` strings or EOS, through
-            quality.complete (one place to batch later); requests sharing generation settings
-            (all of a task's, as a rule) go there together."""
+            quality.complete (batch_size decoding together); requests sharing generation
+            settings (all of a task's, as a rule) go there together."""
             from .quality import complete
 
             eos = self.tok_decode([self.eot_token_id], skip_special_tokens=False)
@@ -145,7 +146,7 @@ def _build(TemplateLM: type) -> type:
             out = [""] * len(requests)
             for (new, stop), items in groups.items():
                 texts = complete(self.model, self.tokenizer, [ids for _, ids in items],
-                                 max_tokens=new, stop=stop)
+                                 max_tokens=new, stop=stop, batch=self.batch_size)
                 for (n, _), text in zip(items, texts):
                     out[n] = text
             return out
@@ -153,9 +154,12 @@ def _build(TemplateLM: type) -> type:
     return LowbitLM
 
 
-def task_names(specs: list[str]) -> tuple[list[str], object]:
-    """lm-eval task names for `specs` (names, or paths to task YAML files) and the TaskManager
-    that knows them all."""
+def task_names(specs: str | Sequence[str]) -> tuple[list[str], object]:
+    """lm-eval task names for `specs` (names, or paths to task YAML files; or one string of
+    them separated by commas, as the CLI takes them) and the TaskManager that knows them all."""
+    specs = [t.strip() for t in specs.split(",") if t.strip()] if isinstance(specs, str) else list(specs)
+    if not specs:
+        raise LowbitError("--tasks names no task")
     lm_eval = _lm_eval()
     paths = [Path(s) for s in specs if s.endswith((".yaml", ".yml"))]
     for p in paths:

@@ -23,7 +23,7 @@ import base64
 import html as _html
 import math
 
-LOWER_IS_BETTER = {"ppl", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "loss"}
+LOWER_IS_BETTER = {"ppl", "perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte", "loss", "ter"}
 DEPLOYMENTS = ("latency-bound", "throughput-bound", "memory-bound")
 CAPTIONS = {
     "recovery_vs_bytes.png": "Recovery of each metric against the weight bytes a decode step reads; "
@@ -204,6 +204,17 @@ def notes(results: dict) -> list[str]:
     lines.append("Recovery: ppl base_ppl/ppl; KL exp(-KL) (the ppl recovery on text the base model "
                  "would write); top-1 the agreement itself; other metrics ckpt/base (base/ckpt when "
                  "lower is better); NAME_recovery as the evaluator computed it.")
+    if ev.get("generate"):
+        lines.append(f"Generation: {ev['generate']} held-out chat prompts answered greedily (at most "
+                     f"{ev['max_new_tokens']} new tokens, lowbit's batched runtime). generation.vs_reference.*: "
+                     "ROUGE F-measure (Porter stemming) against the dataset's replies, recovered as "
+                     "ckpt/base and gated (MLPerf's accuracy criterion); generation.vs_baseline.*: ROUGE "
+                     "against the base's answers and the exact-match rate, which measure sameness, not "
+                     "quality: shown, not gated.")
+    if ev.get("tasks"):
+        lines.append(f"Tasks: lm-evaluation-harness {ev['tasks']} on lowbit's runtime (limit "
+                     f"{ev.get('limit')}, num_fewshot {ev.get('num_fewshot')}: None is all documents, "
+                     "each task's own shots), tasks.TASK.METRIC; recovered and gated as other metrics.")
     lines.append(f"Gate: PASS when every recovery is >= {results['gate']:g} %.")
     lines.append("bits/weight: bytes of the stored weight tensors (codes, scales, zero points, global "
                  "scales; not weight_shape metadata or activation/KV scales) x 8 / parameter count, over "

@@ -11,6 +11,7 @@ import pytest
 from lowbit.auto import worst_layers
 
 from test_cli import run_cli, sentence
+from test_quality import chats  # noqa: F401 -- a fixture: ShareGPT-style conversations
 from tiny import tensors
 
 
@@ -74,3 +75,21 @@ def test_the_cheapest_passing_candidate_wins_within_the_bit_budget(tiny_dir, eva
     assert not (tmp_path / "b.auto" / "FP8_DYNAMIC").exists()
     assert "skipped FP8_DYNAMIC: 8-bit weights exceed the budget of 6" in stdout
     assert "skipped W4A16-rtn-keep1: 10.12 bits per weight exceeds the budget of 6" in stdout
+
+
+def test_generation_quality_reaches_every_candidate_and_the_model_answers_once(tiny_dir, chats, tmp_path,
+                                                                               monkeypatch):
+    from lowbit import quality
+
+    answered, answers = [], quality._answers
+    monkeypatch.setattr(quality, "_answers", lambda path, *a: answered.append(str(path)) or answers(path, *a))
+    model = tiny_dir("llama")
+    code, stdout, stderr = run_cli("auto", model, tmp_path / "pick", "--dataset", chats, "--windows", "1",
+                                   "--seq-len", "16", "--candidates", "W4A16:rtn", "--gate", "101",
+                                   "--generate", "2", "--max-new-tokens", "4")
+    assert code == 1, stderr  # nothing passes 101 %: two compare runs, W4A16-rtn then -keep1
+    work = tmp_path / "pick.auto"
+    assert sorted(answered) == sorted(map(str, [model, work / "W4A16-rtn", work / "W4A16-rtn-keep1"]))
+    rows = json.loads((work / "results.json").read_text())["analysis"]["rows"]
+    assert [sorted(k for k in r["metrics"] if k.startswith("generation.vs_reference")) for r in rows] == \
+        [[f"generation.vs_reference.{k}" for k in sorted(quality.ROUGE)]] * 2

@@ -16,6 +16,7 @@ from lowbit import harness
 from lowbit.checkpoint import load_tokenizer
 from lowbit.errors import LowbitError
 from test_cli import run_cli
+from test_quality import chats  # noqa: F401 -- a fixture: ShareGPT-style conversations
 
 pytest.importorskip("lm_eval", reason="lm-eval not installed: pip install 'lowbit[lm-eval]'")
 from lm_eval.api.instance import Instance  # noqa: E402
@@ -207,6 +208,48 @@ def test_offline_tasks_score_as_the_float64_model_would(tiny, tasks):
     for t in r.values():  # the model against itself
         for m in t["metrics"].values():
             assert m["baseline"] == m["model"] and m["recovery"] in (1.0, None)
+
+
+def test_compare_gates_on_rouge_and_task_recovery_and_answers_for_base_once(tiny, tasks, chats, tmp_path,
+                                                                          monkeypatch):
+    import shutil
+
+    from lowbit import quality
+
+    base = tiny[0]
+    same = shutil.copytree(base, tmp_path / "same")  # answers and scores exactly as BASE
+    answered, scored = [], []
+    answers, scores = quality._answers, harness.scores
+    monkeypatch.setattr(quality, "_answers", lambda path, *a: answered.append(path) or answers(path, *a))
+    monkeypatch.setattr(harness, "scores", lambda path, *a, **k: scored.append(path) or scores(path, *a, **k))
+    out = tmp_path / "report"
+    code, stdout, stderr = run_cli("compare", base, same, "--schemes", "W4A16:rtn", "--out", out,
+                                   "--dataset", chats, "--samples", "4", "--windows", "1", "--seq-len", "16",
+                                   "--compute-dtype", "float32", "--generate", "2", "--max-new-tokens", "8",
+                                   "--tasks", f"{tasks / 'mc.yaml'},{tasks / 'gen.yaml'}", "--gate", "99")
+    assert code == 0, stderr  # `same` passes
+    # BASE answered and scored once, as the reference row, not again beside each checkpoint
+    each_once = sorted(map(str, [base, same, out / "W4A16-rtn"]))
+    assert sorted(map(str, answered)) == sorted(map(str, scored)) == each_once
+    r = json.loads((out / "results.json").read_text())
+    rows = {row["name"]: row for row in r["analysis"]["rows"]}
+    b = r["base"]["metrics"]
+    rouge, tasks_ = [f"generation.vs_reference.{k}" for k in quality.ROUGE], \
+        ["tasks.lowbit_test_mc.acc", "tasks.lowbit_test_mc.acc_norm", "tasks.lowbit_test_gen.exact_match"]
+    assert set(b) == {"ppl", *rouge, *tasks_}  # one column each; no prompt counts, seeds or intervals
+    for name, row in rows.items():
+        m = row["metrics"]
+        assert set(m) == {"ppl", "kl", "top1", *rouge, *tasks_, "generation.vs_baseline.exact_match",
+                          *[f"generation.vs_baseline.{k}" for k in quality.ROUGE]}
+        # ROUGE against the references and task scores: recovered as ckpt / base and gated;
+        # sameness with BASE's answers (ROUGE, exact match) shown, not gated
+        assert set(row["recovery"]) == {"ppl", "kl", "top1", *rouge, *tasks_}
+        for k in [*rouge, *tasks_]:
+            want = m[k] / b[k] if b[k] else None
+            assert row["recovery"][k] == (pytest.approx(want) if want is not None else None), (name, k)
+    assert rows["same"]["passed"] and rows["same"]["metrics"]["generation.vs_baseline.exact_match"] == 1
+    assert b["tasks.lowbit_test_gen.exact_match"] == 0.5  # the fixture's: its second target is BASE's answer
+    assert "Generation: 2 held-out chat prompts" in (out / "report.md").read_text()
 
 
 def test_a_group_is_one_row_per_metric_over_limit_documents(tiny, tasks):

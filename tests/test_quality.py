@@ -213,3 +213,19 @@ def test_generate_errors_are_one_line_and_come_before_any_model_runs(tiny_dir, c
     code, _, stderr = run_cli("eval", tiny_dir("llama"), "--dataset", dataset, "--windows", "1",
                               "--seq-len", "8", "--generate", "2", *extra)
     assert code == 2 and message in stderr and len(stderr.splitlines()) == 1, stderr
+
+
+def test_complete_answers_families_the_batch_runtime_lacks_one_at_a_time_saying_why_once(caplog):
+    import logging
+
+    from tiny import tiny_model, tiny_tokenizer
+
+    model, tok = tiny_model("llama", dtype=torch.float64), tiny_tokenizer()
+    model.config.model_type = "olmo"  # any family runtime/batch.py has no path for
+    prompts = ["a", "the lazy dog", "xyz"]
+    with caplog.at_level(logging.WARNING, logger="lowbit.quality"):
+        got = quality.complete(model, tok, prompts, max_tokens=6)
+    assert [r.getMessage() for r in caplog.records] == [
+        "batched decoding runs llama, mistral, qwen2, qwen3, phi3, gemma, gemma2, gemma3_text models; "
+        "'olmo' is not one of them: answering 3 prompts one at a time"]
+    assert got == [lowbit.generate(model, p, max_tokens=6, tokenizer=tok).text for p in prompts]

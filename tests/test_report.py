@@ -102,6 +102,35 @@ def test_scores_a_richer_evaluation_returns_join_the_table_and_the_gate():
     assert {"recovery tasks.hellaswag.acc", "recovery generation.rouge1_recovery"} <= set(header)
 
 
+def test_rouge_and_task_scores_as_evaluate_returns_them_recover_as_their_evaluators_do():
+    from lowbit import harness, quality
+    from lowbit.compare import metrics_of
+
+    refs = ["the cat sat on the mat", "a dog runs in the park", "birds sing songs"]
+    base_answers = ["the cat sat on a mat", "a dog runs", "birds sing"]
+    answers = ["the cat sat", "a dog runs", "birds swim"]  # one answer as the base's
+    raw = lambda acc, ppl: {"t": {"samples": 3, "metrics": {"acc": acc, "word_perplexity": ppl},  # noqa: E731
+                                  "higher_is_better": {"acc": True, "word_perplexity": False}}}
+    base = {"ppl": 10.0, "generation": {**quality.score(base_answers, None, refs), "max_new_tokens": 8},
+            "tasks": harness.table(raw(0.5, 20.0)), "tasks_options": {"limit": 3, "num_fewshot": 0}}
+    gen = quality.score(answers, base_answers, refs)
+    ckpt = {"ppl": 10.0, "kl": 0.0, "top1": 1.0, "generation": {**gen, "max_new_tokens": 8},
+            "tasks": harness.table(raw(0.4, 25.0), raw(0.5, 20.0)), "tasks_options": {"limit": 3, "num_fewshot": 0}}
+    results = synthetic()
+    results["base"]["metrics"] = metrics_of(base)
+    results["checkpoints"] = [dict(results["checkpoints"][1], metrics=metrics_of(ckpt))]
+    rec = report.analyze(results)["rows"][0]["recovery"]
+    for k in quality.ROUGE:  # the paired bootstrap's point value: mean(model) / mean(baseline)
+        assert rec[f"generation.vs_reference.{k}"] == pytest.approx(gen["vs_reference"][k]["recovery"])
+    for k, m in ckpt["tasks"]["t"]["metrics"].items():  # higher- and lower-is-better as lm-eval says
+        assert rec[f"tasks.t.{k}"] == pytest.approx(m["recovery"])
+    assert rec["tasks.t.word_perplexity"] == pytest.approx(0.8)
+    # sameness with the base's answers is shown, not gated; counts, seeds, options are not metrics
+    assert 0 < results["checkpoints"][0]["metrics"]["generation.vs_baseline.exact_match"] < 1
+    assert set(rec) == {"ppl", "kl", "top1", "tasks.t.acc", "tasks.t.word_perplexity",
+                        *[f"generation.vs_reference.{k}" for k in quality.ROUGE]}
+
+
 def test_gate_needs_every_defined_recovery_at_or_above_it():
     assert report.verdict({"ppl": 0.99, "top1": 0.995}, 99) == (True, [])
     assert report.verdict({"ppl": 0.99, "top1": 0.9899}, 99) == (False, ["top1"])

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import inspect
 import sys
+from collections import deque
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -56,15 +58,21 @@ class SlotCache:
         self.slots, self.max_len = slots, max_len
 
 
+def unsupported(model: nn.Module) -> str | None:
+    """Why BatchDecoder cannot run `model` (its family has no path here), or None."""
+    family = getattr(_text_config(model), "model_type", "?")
+    return None if family in FAMILIES else f"batched decoding runs {', '.join(FAMILIES)} models; " \
+        f"{family!r} is not one of them"
+
+
 class BatchDecoder:
     """A loaded model with a slot cache: prefill one request, decode many at mixed positions."""
 
     def __init__(self, model: nn.Module, slots: int, max_len: int):
         c = _text_config(model)
-        family = getattr(c, "model_type", "?")
-        if family not in FAMILIES:
-            raise LowbitError(f"batched serving runs {', '.join(FAMILIES)} models; {family!r} is not "
-                              "one of them: use --engine vllm")
+        reason = unsupported(model)
+        if reason:
+            raise LowbitError(f"{reason}: use --engine vllm")
         limit = getattr(c, "max_position_embeddings", None)
         if limit and max_len > limit:
             raise LowbitError(f"max_len {max_len} is beyond the model's {limit} positions")
@@ -185,3 +193,59 @@ class BatchDecoder:
         if hasattr(attn, "sliding_window"):  # Qwen2/3, Gemma set it per layer (None on full layers)
             return attn.sliding_window
         return getattr(self.config, "sliding_window", None)  # Mistral, Phi-3: every layer
+
+
+def generate_batch(model: nn.Module, tokenizer, prompts: Sequence, *, max_tokens: int,
+                   stop: Sequence[str] = (), batch: int = 8, on_done=None) -> list:
+    """Greedy completions of `prompts` (as lowbit.generate takes them), up to `batch` of them
+    decoding together in a BatchDecoder's slots: a finished request's slot takes the next
+    prompt at once (continuous batching, without threads). Ends and text as generate()'s (the
+    shared `ending` rule), so each Generation's tokens are generate()'s up to rounding: equal
+    in float32/float64; bf16 rounds a batched row differently and can flip a greedy near-tie.
+    `on_done()` is called after each finished request (progress). Returns one Generation per
+    prompt, in order."""
+    from .generate import Generation, StopText, encode, ending, eos_ids, options, pick
+
+    o = options(max_tokens, stop=stop)
+    ids = [encode(tokenizer, p) for p in prompts]
+    out = [Generation(prompt_tokens=len(i)) for i in ids]
+    if not ids:
+        return out
+    slots = min(batch, len(ids))
+    decoder = BatchDecoder(model, slots, max(len(i) for i in ids) + max_tokens)
+    eos, texts = eos_ids(model, tokenizer), {}
+    # longest prompts first, so prompts prefilled together are padded little (results keep their order)
+    waiting = deque(sorted(range(len(ids)), key=lambda n: -len(ids[n])))
+    free, running = list(range(slots)), {}  # running: slot -> request
+
+    def emit(slot: int, logits: torch.Tensor) -> None:
+        n, g = running[slot], out[running[slot]]
+        g.token_ids.append(pick(logits, 0.0, 0, 1.0, None))
+        reason, _ = ending(g.token_ids, eos, texts[n], o.max_tokens)
+        if reason:
+            g.finish_reason, g.text = reason, texts[n].text
+            del running[slot]
+            free.append(slot)
+            if on_done:
+                on_done()
+
+    while waiting or running:
+        admitted = []  # (slot, request): whole prompts in, in padded chunks, before the next decode
+        while waiting and free:
+            slot, n = free.pop(), waiting.popleft()
+            running[slot], texts[n] = n, StopText(tokenizer, o.stop)
+            admitted.append((slot, n))
+        for at in range(0, max((len(ids[n]) for _, n in admitted), default=0), PREFILL_CHUNK):
+            rows = [(s, n) for s, n in admitted if len(ids[n]) > at]  # prompts not yet all in
+            logits = decoder.prefill_many([s for s, _ in rows], [ids[n][at:at + PREFILL_CHUNK] for _, n in rows],
+                                          [at] * len(rows))
+            for (s, n), row in zip(rows, logits):
+                if len(ids[n]) <= at + PREFILL_CHUNK:  # its last piece: the first new token
+                    emit(s, row)
+        if running:  # one forward: every running request's last token at its own position
+            step = list(running)
+            logits = decoder.decode(step, [out[running[s]].token_ids[-1] for s in step],
+                                    [len(ids[running[s]]) + len(out[running[s]].token_ids) - 1 for s in step])
+            for s, row in zip(step, logits):
+                emit(s, row)
+    return out

@@ -183,6 +183,18 @@ class StopText:
         return piece
 
 
+def ending(token_ids: list[int], eos: set[int], text: StopText, max_tokens: int) -> tuple[str | None, str]:
+    """After a new token (the last of `token_ids`): why the request ends now ("eos", "stop",
+    "length") or None, and the text that became final. One rule for generate(), the serving
+    engine and generate_batch()."""
+    if token_ids[-1] in eos:
+        return "eos", ""
+    piece = text.update(token_ids)
+    if text.stopped:
+        return "stop", ""
+    return ("length" if len(token_ids) >= max_tokens else None), piece
+
+
 def _cache_kwarg(model: nn.Module) -> str:
     # transformers 5 renamed past_key_values to cache in later releases
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -212,18 +224,14 @@ def _run(model: nn.Module, tokenizer, ids: list[int], o: Options, out: Generatio
     for step in range(o.max_tokens):
         token = pick(logits, o.temperature, o.top_k, o.top_p, generator)
         out.token_ids.append(token)
-        if token in eos:
-            out.finish_reason = "eos"
-            break
-        piece = text.update(out.token_ids)
+        reason, piece = ending(out.token_ids, eos, text, o.max_tokens)
         if piece:
             yield piece
-        if text.stopped:
-            out.finish_reason = "stop"
+        if reason:
+            out.finish_reason = reason
             break
-        if step + 1 < o.max_tokens:
-            logits = forward([token], n + step)
-            out.decode_steps += 1
+        logits = forward([token], n + step)
+        out.decode_steps += 1
     out.decode_seconds = time.perf_counter() - clock
     out.text = text.text
     rest = text.rest()

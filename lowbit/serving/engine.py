@@ -28,7 +28,7 @@ import torch
 
 from ..errors import LowbitError
 from ..runtime.batch import PREFILL_CHUNK, BatchDecoder
-from ..runtime.generate import Options, StopText, encode, eos_ids, model_and_tokenizer, pick
+from ..runtime.generate import Options, StopText, encode, ending, eos_ids, model_and_tokenizer, pick
 
 log = logging.getLogger("lowbit.serving")
 _ids = itertools.count()
@@ -222,17 +222,9 @@ class Engine:
         r.token_times.append(time.perf_counter())
         r.token_ids.append(token)
         r.logprobs.append(float(torch.log_softmax(logits.float(), -1)[token]))
-        reason, piece = None, ""
-        if token in self.eos and not o.ignore_eos:
-            reason = "eos"
-        else:
-            piece = r.text.update(r.token_ids)
-            if r.text.stopped:
-                reason = "stop"
-            elif len(r.token_ids) >= o.max_tokens:
-                reason = "length"
-            elif piece:
-                _notify(r, piece)
+        reason, piece = ending(r.token_ids, set() if o.ignore_eos else self.eos, r.text, o.max_tokens)
+        if reason is None and piece:
+            _notify(r, piece)
         if reason is not None:
             with self._cond:
                 self._finish(r, reason, piece)
