@@ -87,16 +87,19 @@ class Server:
     """`lowbit serve CKPT --engine E` on 127.0.0.1 in its own process group, so that stopping it
     also stops what it started (vLLM and vLLM's engine process)."""
 
-    def __init__(self, ckpt: Path, engine: str, log: Path, max_batch: int, max_len: int):
+    def __init__(self, ckpt: Path, engine: str, log: Path, max_batch: int, max_len: int, threads: int):
         self.port = free_port()
         self.url = f"http://{HOST}:{self.port}"
         self.argv = lowbit("serve", str(ckpt), "--engine", engine, "--host", HOST, "--port", str(self.port),
                            "--served-model-name", MODEL_NAME, "--max-batch", str(max_batch),
                            "--max-len", str(max_len))
-        self.log, self.proc = log, None
+        self.log, self.proc, self.threads = log, None, threads
 
     def __enter__(self) -> "Server":
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+        # vLLM's CPU server drops to 1 torch thread "for serving" unless OMP_NUM_THREADS is set:
+        # both engines get the same count, and the client keeps a core on a 2-core machine
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+               "OMP_NUM_THREADS": str(self.threads)}
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(self.argv, stdout=log, stderr=subprocess.STDOUT, env=env,
                                          start_new_session=True)
@@ -202,7 +205,8 @@ def measure(ckpt: Path, fmt: str, engine: str, base: Path, prompts: Prompts, tmp
     log = Path(a.logs) / f"serve-{fmt}-{engine}.log"
     say(f"{fmt} on {engine}: starting the server (log {log})")
     try:
-        with Server(ckpt, engine, log, max(a.concurrency), a.input_len + a.output_len + 64) as server:
+        with Server(ckpt, engine, log, max(a.concurrency), a.input_len + a.output_len + 64,
+                    a.threads) as server:
             row["server_start_s"] = server.wait_healthy(a.start_timeout)
             say(f"  healthy after {row['server_start_s']:.0f} s; warming up (not recorded)")
             # staggered arrivals: running batches grow and shrink through every size, so one-time
@@ -227,8 +231,7 @@ def machine() -> dict:
     from lowbit.serving.bench import machine as client_machine
 
     return {**client_machine(), "torch": torch.__version__,
-            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "isa": cpu_isa(),
-            "torch_threads": torch.get_num_threads()}
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(), "isa": cpu_isa()}
 
 
 # ---- pure: results dict -> markdown, PNG -------------------------------------------------------
@@ -323,6 +326,7 @@ def main() -> None:
     p.add_argument("--rate-seconds", type=float, default=8.0, help="rate sweep: rate x this requests")
     p.add_argument("--warmup", type=int, default=32, help="discarded requests after a server starts")
     p.add_argument("--warmup-rate", type=float, default=8.0, help="their arrival rate (req/s)")
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of every server")
     p.add_argument("--samples", type=int, default=32)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--start-timeout", type=float, default=600.0)
