@@ -339,8 +339,8 @@ def main() -> None:
     if a.tiny:
         a.concurrency, a.rates, a.input_len, a.output_len, a.min_prompts, a.rate_seconds, a.warmup = \
             "1,2", "2", 16, 4, 2, 1.0, 4
-    a.concurrency = [int(c) for c in a.concurrency.split(",")]
-    a.rates = [float(r) for r in a.rates.split(",")]
+    a.concurrency = [int(c) for c in a.concurrency.split(",") if c]
+    a.rates = [float(r) for r in a.rates.split(",") if r]
     base, cache = Path(a.base), Path(a.cache)
     settings = {k: v for k, v in vars(a).items() if k not in ("logs",)}
     results = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "settings": settings,
