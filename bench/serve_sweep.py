@@ -249,6 +249,8 @@ def table(results: dict) -> str:
     rates = sorted({p["request_rate"] for r in ran for p in r["rates"]})
 
     def grid(title, part, x, points, head, cell):
+        if not points:
+            return None
         lines = [f"| {title} | " + " | ".join(head(k) for k in points) + " |",
                  "|---|" + "---|" * len(points)]
         for r in ran:
@@ -264,7 +266,7 @@ def table(results: dict) -> str:
              grid("p99 TTFT / p99 TPOT (ms) at request rate", "rates", "request_rate", rates,
                   lambda k: f"{k:g}/s", lambda m: f"{m['ttft_ms']['p99']:.0f} / {m['tpot_ms']['p99']:.1f}")]
     notes = [f"- {_label(r)}: {r['reason']}" for r in rows if r["status"] != "ok"]
-    return "\n\n".join(parts + (["\n".join(notes)] if notes else [])) + "\n"
+    return "\n\n".join([p for p in parts if p] + (["\n".join(notes)] if notes else [])) + "\n"
 
 
 def _failed(m: dict) -> str:
