@@ -149,7 +149,8 @@ class Prompts:
     def __init__(self, tmp: Path):
         from lowbit.data import read_records, split
 
-        self.pool = [r for r in split(read_records("sharegpt"), "eval") if isinstance(r, list) and len(r) >= 2]
+        held_out = split(read_records("sharegpt"), "eval")
+        self.pool = [r for r in held_out if isinstance(r, list) and len(r) >= 2]
         self.tmp, self.next, self.files = tmp, 0, 0
 
     def reset(self) -> None:
@@ -259,10 +260,11 @@ def table(results: dict) -> str:
                 cell(found[k]) + _failed(found[k]) if k in found else "" for k in points) + " |")
         return "\n".join(lines)
 
-    parts = [grid("output tok/s (req/s) at max concurrency", "concurrency", "max_concurrency", concs,
-                  lambda k: f"C={k}", lambda m: f"{m['output_throughput']:.1f} ({m['request_throughput']:.2f})"),
-             grid("mean TTFT / mean TPOT (ms) at max concurrency", "concurrency", "max_concurrency",
-                  concs, lambda k: f"C={k}", lambda m: f"{m['ttft_ms']['mean']:.0f} / {m['tpot_ms']['mean']:.1f}"),
+    by_c = ("concurrency", "max_concurrency", concs, lambda k: f"C={k}")
+    parts = [grid("output tok/s (req/s) at max concurrency", *by_c,
+                  lambda m: f"{m['output_throughput']:.1f} ({m['request_throughput']:.2f})"),
+             grid("mean TTFT / mean TPOT (ms) at max concurrency", *by_c,
+                  lambda m: f"{m['ttft_ms']['mean']:.0f} / {m['tpot_ms']['mean']:.1f}"),
              grid("p99 TTFT / p99 TPOT (ms) at request rate", "rates", "request_rate", rates,
                   lambda k: f"{k:g}/s", lambda m: f"{m['ttft_ms']['p99']:.0f} / {m['tpot_ms']['p99']:.1f}")]
     notes = [f"- {_label(r)}: {r['reason']}" for r in rows if r["status"] != "ok"]
