@@ -206,12 +206,13 @@ def measure(ckpt: Path, fmt: str, engine: str, base: Path, prompts: Prompts, tmp
     log = Path(a.logs) / f"serve-{fmt}-{engine}.log"
     say(f"{fmt} on {engine}: starting the server (log {log})")
     try:
-        with Server(ckpt, engine, log, max(a.concurrency), a.input_len + a.output_len + 64,
+        with Server(ckpt, engine, log, max(a.concurrency, default=8), a.input_len + a.output_len + 64,
                     a.threads) as server:
             row["server_start_s"] = server.wait_healthy(a.start_timeout)
             say(f"  healthy after {row['server_start_s']:.0f} s; warming up (not recorded)")
-            # staggered arrivals: running batches grow and shrink through every size, so one-time
-            # costs of a batch shape (vLLM's first C=2 batch cost ~1 s in a trial) are paid here
+            # staggered arrivals: running batches grow and shrink through many sizes, so one-time
+            # costs of a new batch shape are paid before the measured runs (a --tiny trial warmed
+            # at C=1 only saw vLLM's first C=2 batch take ~1 s)
             bench(server, base, prompts, tmp, a, num=a.warmup, rate=a.warmup_rate)
             for c in a.concurrency:
                 row["concurrency"].append(bench(server, base, prompts, tmp, a, concurrency=c,
