@@ -198,8 +198,8 @@ def compare(base: str | Path, checkpoints=(), *, out: str | Path, schemes: str |
     Evaluations and timings in OUT/results.json whose files and settings are unchanged are
     reused unless `fresh`."""
     from . import api, report
-    from .hardware import cpu_isa
-    from .runtime.timing import cpu_name, measure_speed
+    from .hardware import cpu_isa, cpu_name
+    from .runtime.timing import measure_speed
     from .serving_results import read_serving
 
     base, out = Path(base), Path(out)

@@ -13,7 +13,9 @@ machine always compute in the same dtype (reruns are byte-identical).
 
 from __future__ import annotations
 
+import platform
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import LowbitError
@@ -86,3 +88,14 @@ def compute_dtype(stored: torch.dtype, choice: str = "auto",
         return Compute(stored, f"the checkpoint's own {stored_name}, native on this {where}")
     return Compute(torch.float32, f"{stored_name} is emulated on this {where}: float32 is faster "
                    "and exact for its values")
+
+
+def cpu_name() -> str:
+    """The CPU's model name, as lscpu prints it (from /proc/cpuinfo where there is one)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

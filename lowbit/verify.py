@@ -181,16 +181,14 @@ def _kv_cache_quantized(path: Path) -> bool:
 def _with_vllm_cpu_kv(runtime: torch.nn.Module, path: Path) -> torch.nn.Module:
     """`runtime` with its FP8 KV-cache simulation replaced by vLLM CPU's rounding (toward zero,
     vllm_limits.fp8_kv_as_vllm_cpu) and the checkpoint's stored k_scale / v_scale."""
-    from .attention import attention_modules, install_kv_hooks
     from .checkpoint import Checkpoint
+    from .runtime.load import simulate_kv_cache
 
-    ckpt = Checkpoint(path, allow_quantized=True)
-    hooks = {}
-    for name, module in attention_modules(runtime).items():
-        if f"{name}.k_scale" in ckpt.files:
-            ks, vs = (float(ckpt.tensor(f"{name}.{s}").float().flatten()[0]) for s in ("k_scale", "v_scale"))
-            hooks[module] = lambda m, k, v, ks=ks, vs=vs: (fp8_kv_as_vllm_cpu(k, ks), fp8_kv_as_vllm_cpu(v, vs))
-    install_kv_hooks(hooks)  # replaces the hooks lowbit.load installed
+    def qdq(scale: torch.Tensor):
+        s = float(scale.float().flatten()[0])
+        return lambda x: fp8_kv_as_vllm_cpu(x, s)
+
+    simulate_kv_cache(runtime, Checkpoint(path, allow_quantized=True), qdq)
     return runtime
 
 

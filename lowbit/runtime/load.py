@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
@@ -110,13 +110,14 @@ def stored_linear(tensors: Mapping[str, torch.Tensor], name: str, spec: QuantSpe
     return Quantized(codes, scale, grid_for(spec), zero)
 
 
-def _simulate_kv_cache(model: nn.Module, ckpt: Checkpoint, spec: QuantSpec) -> None:
-    """Quantize-dequantize cached keys and values with the stored k_scale / v_scale."""
+def simulate_kv_cache(model: nn.Module, ckpt: Checkpoint,
+                      qdq: Callable[[torch.Tensor], Callable[[torch.Tensor], torch.Tensor]]) -> None:
+    """Route cached keys and values through `qdq(stored scale)`: quantize-dequantize with each
+    attention's k_scale / v_scale (a model already simulating a cache has its hooks replaced)."""
     hooks = {}
     for name, module in attention_modules(model).items():
         if f"{name}.k_scale" in ckpt.files:
-            fk = activation_qdq(spec, ckpt.tensor(f"{name}.k_scale"))
-            fv = activation_qdq(spec, ckpt.tensor(f"{name}.v_scale"))
+            fk, fv = qdq(ckpt.tensor(f"{name}.k_scale")), qdq(ckpt.tensor(f"{name}.v_scale"))
             hooks[module] = lambda m, k, v, fk=fk, fv=fv: (fk(k), fv(v))
     install_kv_hooks(hooks)
 
@@ -170,7 +171,8 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, packed: bool = Fa
     if tied:
         model.get_output_embeddings().weight = model.get_input_embeddings().weight
     if qcfg and qcfg.get("kv_cache_scheme"):
-        _simulate_kv_cache(model, ckpt, spec_from_args(qcfg["kv_cache_scheme"]))
+        kv_spec = spec_from_args(qcfg["kv_cache_scheme"])
+        simulate_kv_cache(model, ckpt, lambda scale: activation_qdq(kv_spec, scale))
     for name, linear in swaps.items():  # after the KV hooks, which look for nn.Linear k_proj
         model.set_submodule(name, linear)
     return model.eval()

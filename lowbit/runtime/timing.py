@@ -3,7 +3,6 @@ the measurement behind `lowbit compare --speed`."""
 
 from __future__ import annotations
 
-import platform
 from pathlib import Path
 
 # a fixed prompt for --speed, repeated to the requested length (its content does not matter at
@@ -58,14 +57,3 @@ def measure_speed(path: Path, *, prompt_tokens: int, new_tokens: int, repeats: i
     return {"prefill_tok_s": prefill, "decode_tok_s": decode, "weights_bytes": weights,
             "kv_cache_bytes": kv, "memory_bytes": weights + kv, "peak_rss_bytes": _peak_rss(),
             "dtype": dtype}
-
-
-def cpu_name() -> str:
-    """The CPU's model name, as lscpu prints it."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import LowbitError
+from ..hardware import cpu_name
 from ..outdir import writing
 from .client import Response, connect, resolve_model, stream, warm_up
 from .workload import Request
@@ -173,16 +174,8 @@ def _record(r: Response, t0: float) -> dict:
 
 
 def machine() -> dict:
-    """The client machine: its CPU model (from /proc/cpuinfo where there is one) and cores."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu_model": model, "cpus": os.cpu_count(), "platform": platform.platform(),
+    """The client machine: its CPU model and cores."""
+    return {"cpu_model": cpu_name(), "cpus": os.cpu_count(), "platform": platform.platform(),
             "python": platform.python_version()}
 
 
