@@ -144,6 +144,22 @@ def metrics_of(result: dict, prefix: str = "") -> dict[str, float]:
     return out
 
 
+def intervals_of(result: dict, prefix: str = "") -> dict[str, list[float]]:
+    """The bootstrap 95 % interval of every recovery an evaluate() result gives with one
+    ({"model", "baseline", "recovery", "ci95"}: ROUGE against the references), named as
+    metrics_of names the metric, as fractions like the recovery itself."""
+    out = {}
+    for k, v in result.items():
+        if not isinstance(v, dict) or k in BOOKKEEPING:
+            continue
+        if "recovery" in v and "ci95" in v:
+            if v["ci95"] is not None:
+                out[prefix + k] = list(v["ci95"])
+        elif "mean" not in v and "model" not in v:
+            out.update(intervals_of(v, prefix if k == "metrics" else f"{prefix}{k}."))
+    return out
+
+
 def _key(path: Path, base: Path | None, settings: dict) -> str:
     """What a measurement depends on: the checkpoints' files (name, size, mtime) and settings."""
     files = lambda p: [(f.name, f.stat().st_size, f.stat().st_mtime_ns)  # noqa: E731
@@ -162,7 +178,8 @@ def _previous(out: Path) -> dict:
     found = {}
     for row in [old.get("base") or {}, *old.get("checkpoints", [])]:
         if row.get("eval_key"):
-            found[("eval", row["eval_key"])] = {k: row[k] for k in ("metrics", "evaluated")}
+            found[("eval", row["eval_key"])] = {k: row.get(k) or {} for k in ("metrics", "evaluated",
+                                                                                "recovery_ci95")}
         if row.get("speed_key") and row.get("speed"):
             found[("speed", row["speed_key"])] = row["speed"]
     return found
@@ -179,7 +196,7 @@ def _evaluated(cache: dict, path: Path, base: Path | None, opts: dict, reuse: di
         log.info("reusing the evaluation of %s from results.json", path)
         return {**hit, "eval_key": key}
     r = api.evaluate(path, base, reuse=reuse, **opts)
-    return {"metrics": metrics_of(r), "eval_key": key, "evaluated": {
+    return {"metrics": metrics_of(r), "recovery_ci95": intervals_of(r), "eval_key": key, "evaluated": {
         "windows": r["windows"], "tokens": r["tokens"], "compute_dtype": r["compute_dtype"]["dtype"]}}
 
 

@@ -179,7 +179,8 @@ def table(results: dict, analysis: dict) -> tuple[list[str], list[list[str]]]:
         gate = "" if ref else "PASS" if r["passed"] else f"FAIL ({', '.join(r['failing'])})"
         body.append([r["name"], _num(r["size_bytes"] / 2**20, ".2f"), _num(r.get("bits_per_weight"), ".2f"),
                      _num(r["bytes_per_token"] / 2**20, ".2f"), *[_num(r["metrics"].get(m)) for m in metrics],
-                     *["reference" if ref else _pct(r["recovery"].get(m)) for m in recovered],
+                     *["reference" if ref else _pct(r["recovery"].get(m), (r.get("recovery_ci95") or {}).get(m))
+                       for m in recovered],
                      _num(sp.get("decode_tok_s"), ".1f"), _num(sp.get("prefill_tok_s"), ".1f"),
                      *[_num(sp[k] / 2**20 if sp.get(k) else None, ".1f")
                        for k in ("memory_bytes", "peak_rss_bytes")],
@@ -191,8 +192,11 @@ def _unit(key: str) -> str:
     return "tok/s" if key == "output_throughput" else "ms"
 
 
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None else f"{v * 100:.2f} %"
+def _pct(v: float | None, ci: list[float] | None = None) -> str:
+    """A recovery in percent, with its bootstrap 95 % interval where the evaluator gave one."""
+    if v is None:
+        return "n/a"
+    return f"{v * 100:.2f} %" + (f" [{ci[0] * 100:.1f}, {ci[1] * 100:.1f}]" if ci else "")
 
 
 def notes(results: dict) -> list[str]:
@@ -205,12 +209,16 @@ def notes(results: dict) -> list[str]:
                  "would write); top-1 the agreement itself; other metrics ckpt/base (base/ckpt when "
                  "lower is better); NAME_recovery as the evaluator computed it.")
     if ev.get("generate"):
+        from .quality import RESAMPLES, SEED
+
         lines.append(f"Generation: {ev['generate']} held-out chat prompts answered greedily (at most "
                      f"{ev['max_new_tokens']} new tokens, lowbit's batched runtime). generation.vs_reference.*: "
                      "ROUGE F-measure (Porter stemming) against the dataset's replies, recovered as "
                      "ckpt/base and gated (MLPerf's accuracy criterion); generation.vs_baseline.*: ROUGE "
                      "against the base's answers and the exact-match rate, which measure sameness, not "
-                     "quality: shown, not gated.")
+                     "quality: shown, not gated. A recovery in brackets is its 95 % interval: a "
+                     f"paired percentile bootstrap over the prompts ({RESAMPLES} resamples, seed {SEED}); the gate "
+                     "reads the point value.")
     if ev.get("tasks"):
         lines.append(f"Tasks: lm-evaluation-harness {ev['tasks']} on lowbit's runtime (limit "
                      f"{ev.get('limit')}, num_fewshot {ev.get('num_fewshot')}: None is all documents, "

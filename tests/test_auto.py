@@ -93,3 +93,7 @@ def test_generation_quality_reaches_every_candidate_and_the_model_answers_once(t
     rows = json.loads((work / "results.json").read_text())["analysis"]["rows"]
     assert [sorted(k for k in r["metrics"] if k.startswith("generation.vs_reference")) for r in rows] == \
         [[f"generation.vs_reference.{k}" for k in sorted(quality.ROUGE)]] * 2
+    # the random model's answers share no word with the references: no recovery, so no interval
+    # (test_report checks intervals on answers that overlap)
+    assert all(r["recovery_ci95"] == {} and r["recovery"]["generation.vs_reference.rouge1"] is None
+               for r in rows)

@@ -131,6 +131,35 @@ def test_rouge_and_task_scores_as_evaluate_returns_them_recover_as_their_evaluat
                         *[f"generation.vs_reference.{k}" for k in quality.ROUGE]}
 
 
+def test_rouge_recovery_intervals_reach_the_table_results_and_html():
+    from lowbit import quality
+    from lowbit.compare import intervals_of, metrics_of
+
+    refs = ["the cat sat on the mat", "a dog runs in the park", "birds sing songs", "fish swim"]
+    base_answers = ["the cat sat on a mat", "a dog runs", "birds sing", "fish swim"]
+    answers = ["the cat sat", "a dog runs", "birds swim", "fish"]
+    base = {"ppl": 10.0, "generation": quality.score(base_answers, None, refs)}
+    gen = quality.score(answers, base_answers, refs)
+    ckpt = {"ppl": 10.0, "kl": 0.0, "top1": 1.0, "generation": gen}
+    ci = intervals_of(ckpt)
+    assert set(ci) == {f"generation.vs_reference.{k}" for k in quality.ROUGE}  # not vs_baseline's
+    assert intervals_of(base) == {}  # the base has values, no recoveries
+    results = synthetic()
+    results["base"]["metrics"] = metrics_of(base)
+    results["checkpoints"] = [dict(results["checkpoints"][1], metrics=metrics_of(ckpt), recovery_ci95=ci)]
+    results["evaluation"]["generate"], results["evaluation"]["max_new_tokens"] = 4, 8
+    a = report.analyze(results)
+    header, body = report.table(results, a)
+    cell = body[1][header.index("recovery generation.vs_reference.rouge1")]
+    lo, hi = gen["vs_reference"]["rouge1"]["ci95"]
+    point = gen["vs_reference"]["rouge1"]["recovery"]
+    assert lo <= point <= hi and lo < hi
+    assert cell == f"{point * 100:.2f} % [{lo * 100:.1f}, {hi * 100:.1f}]"
+    assert body[1][header.index("recovery ppl")] == "100.00 %"  # no interval where none was computed
+    assert cell in report.markdown(results, a) and html.escape(cell) in report.html(results, a, {})
+    assert "95 % interval" in report.markdown(results, a)
+
+
 def test_gate_needs_every_defined_recovery_at_or_above_it():
     assert report.verdict({"ppl": 0.99, "top1": 0.995}, 99) == (True, [])
     assert report.verdict({"ppl": 0.99, "top1": 0.9899}, 99) == (False, ["top1"])
