@@ -73,9 +73,14 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
              kv_cache: str | None = None, kv_scale: str | None = None,
              smoothquant: str | None = None, sparsity: float | None = None,
              sparsity_structure: str | None = None, device: str = "auto",
-             compute: str = "auto", overwrite: bool = False) -> dict:
+             compute: str = "auto", overwrite: bool = False,
+             overrides: dict[str, str | Scheme] | None = None) -> dict:
     """Quantize the checkpoint directory `model` with `scheme` and write a compressed-tensors
     checkpoint to `out`.
+
+    `overrides` (mixed precision) maps module patterns naming whole decoder layers (as
+    `ignore` takes them: "layers.3.*") to another scheme (a preset name or a Scheme) for
+    those layers; the checkpoint gets a config group per scheme.
 
     Calibration uses `samples` records of at most `seq_len` tokens from `dataset` (its
     calibration split), chosen by `seed`. `group_size` and `algorithm` ("rtn", "gptq" or "mr-gptq")
@@ -94,6 +99,9 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
     scheme = scheme.with_ignore(tuple(ignore)).with_options(
         group_size=group_size, algorithm=algorithm, kv_cache=kv_cache, kv_scale=kv_scale,
         smoothing=smoothquant, sparsity=sparsity, sparsity_structure=sparsity_structure)
+    if overrides:
+        scheme = scheme.with_overrides({p: get_scheme(s) if isinstance(s, str) else s
+                                        for p, s in overrides.items()})
     check_output(out, overwrite)
     where = resolve_device(device)
     if where.type == "cuda" and distributed.active():  # torchrun: one GPU per local rank
@@ -142,6 +150,7 @@ def quantize(model: str | Path, out: str | Path, scheme: str | Scheme = "FP8", *
             "smoothquant": scheme.smoothing,
             "sparsity": scheme.sparsity,
             "sparsity_structure": scheme.sparsity_structure if scheme.sparsity else None,
+            "overrides": {p: {"scheme": s.name, "algorithm": s.algorithm} for p, s in scheme.overrides},
             "notices": notices,
             "model": str(ckpt.path.resolve()),
             "dataset": source,

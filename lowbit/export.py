@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import shutil
 import struct
 from pathlib import Path
@@ -90,20 +91,51 @@ def compression_format(scheme: Scheme) -> str:
     raise LowbitError(f"no compressed-tensors export for scheme {scheme.name}")
 
 
-def quantization_config(scheme: Scheme, ignore: list[str]) -> dict:
-    """The config.json `quantization_config` block, built with the library's own models."""
-    import compressed_tensors
-    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+def _group(scheme: Scheme, targets: list[str], own_format: bool):
+    from compressed_tensors.quantization import QuantizationScheme
 
+    return QuantizationScheme(
+        targets=targets,
+        weights=quant_args(scheme.weights, actorder=weight_actorder(scheme)),
+        input_activations=quant_args(scheme.inputs, inputs=True) if scheme.inputs else None,
+        format=compression_format(scheme) if own_format else None,
+    )
+
+
+def layer_targets(names: list[str]) -> list[str]:
+    r"""`re:` targets naming exactly the Linears `names`, one per decoder layer
+    ("re:model\.layers\.3\.(self_attn\.q_proj|...)$"). compressed-tensors and vLLM try a
+    module's name against name and regex targets before class names ("Linear"), so these beat
+    the base group's "Linear"; vLLM matches a fused qkv_proj when all its shards match."""
+    layers: dict[str, list[str]] = {}
+    for n in sorted(names):
+        m = re.match(r"(.*\.layers\.\d+\.)(.*)$", n)
+        head, tail = (m.group(1), m.group(2)) if m else (n, "")
+        layers.setdefault(head, []).append(tail)
+    return [f"re:{re.escape(head)}" + (f"({'|'.join(map(re.escape, tails))})$" if tails != [""] else "$")
+            for head, tails in layers.items()]
+
+
+def quantization_config(scheme: Scheme, ignore: list[str], linears: list[str] = ()) -> dict:
+    """The config.json `quantization_config` block, built with the library's own models.
+
+    With overrides (mixed precision) `linears` are the quantized Linears' names: the base
+    scheme targets "Linear" and each override scheme that quantized some of them gets a
+    config group of its own whose targets name them; each group records its format (the
+    global one is "mixed-precision" when they differ)."""
+    import compressed_tensors
+    from compressed_tensors.quantization import QuantizationConfig
+
+    groups, formats = {"group_0": (scheme, ["Linear"])}, {compression_format(scheme)}
+    for n, override in enumerate(scheme.schemes[1:], 1):
+        mine = [x for x in linears if scheme.scheme_for(x) == override]
+        if mine:
+            groups[f"group_{n}"] = (override, layer_targets(mine))
+            formats.add(compression_format(override))
+    mixed = len(groups) > 1
     config = QuantizationConfig(
-        config_groups={
-            "group_0": QuantizationScheme(
-                targets=["Linear"],
-                weights=quant_args(scheme.weights, actorder=weight_actorder(scheme)),
-                input_activations=quant_args(scheme.inputs, inputs=True) if scheme.inputs else None,
-            )
-        },
-        format=compression_format(scheme),
+        config_groups={k: _group(s, t, mixed) for k, (s, t) in groups.items()},
+        format=formats.pop() if len(formats) == 1 else "mixed-precision",
         quantization_status="compressed",
         ignore=ignore,
         kv_cache_scheme=quant_args(scheme.kv_cache) if scheme.kv_cache else None,
@@ -330,11 +362,12 @@ class CheckpointWriter:
         if q.mask is not None:
             self._pruned[0] += int(q.mask.sum())
             self._pruned[1] += q.mask.numel()
-        if self.format in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
+        fmt = compression_format(self.scheme.scheme_for(prefix))  # mixed precision: per Linear
+        if fmt in ("nvfp4-pack-quantized", "mxfp4-pack-quantized"):
             self.add(f"{prefix}.weight_packed", pack_fp4(q.codes))
             if q.grid.tensor_scale is not None:  # NVFP4: reciprocal global scale, float32 [1]
                 self.add(f"{prefix}.weight_global_scale", q.grid.tensor_scale.float().reshape(1).clone())
-        elif self.format == "pack-quantized":
+        elif fmt == "pack-quantized":
             bits = q.grid.spec.bits
             self.add(f"{prefix}.weight_packed", pack_int32(q.codes, bits))
             self.add(f"{prefix}.weight_shape", torch.tensor(q.codes.shape, dtype=torch.int64))
@@ -346,7 +379,7 @@ class CheckpointWriter:
         self.add(f"{prefix}.weight_scale", q.scale.clone())
         if input_scale is not None:
             # an NVFP4 input's calibrated scale is its global scale; group scales come at run time
-            name = "input_global_scale" if self.format == "nvfp4-pack-quantized" else "input_scale"
+            name = "input_global_scale" if fmt == "nvfp4-pack-quantized" else "input_scale"
             self.add(f"{prefix}.{name}", input_scale.clone())
 
     def skip_linear(self, name: str) -> None:
@@ -386,7 +419,10 @@ class CheckpointWriter:
     def _finish(self) -> None:
         config = json.loads((self.source / "config.json").read_text())
         ignore = sorted(set(self._ignored) | {"lm_head"})
-        config["quantization_config"] = quantization_config(self.scheme, ignore)
+        # the quantized Linears, from the committed shards (so a resumed run counts them all)
+        linears = sorted(n[: -len(".weight_scale")] for names in [*self._shards, self._buffer]
+                         for n in names if n.endswith(".weight_scale"))
+        config["quantization_config"] = quantization_config(self.scheme, ignore, linears)
         if self.scheme.sparsity is not None:
             pruned, total = self._pruned
             config["quantization_config"]["sparsity_config"] = sparsity_config(

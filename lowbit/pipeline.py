@@ -8,7 +8,7 @@ weights go back to the meta device. Peak memory is one layer plus the calibratio
 from __future__ import annotations
 
 import contextlib
-import fnmatch
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -33,7 +33,7 @@ from .models import arch_for, decoder_layers, layer_layout, linears
 from .memory import release_memory
 from .progress import progress
 from .runtime.load import stored_linear
-from .schemes import Scheme
+from .schemes import Scheme, name_matches
 from .smoothing import SAMPLE_TOKENS, smooth_set
 from .stats import AbsMax, Hessian
 
@@ -41,21 +41,14 @@ log = logging.getLogger(__name__)
 
 
 def needs_calibration(scheme: Scheme) -> bool:
-    """Whether the scheme's result depends on calibration statistics at all."""
-    return (scheme.uses_gptq or scheme.static_inputs or scheme.smoothing is not None
-            or scheme.kv_cache is not None or scheme.sparsity is not None)
+    """Whether the scheme's result (or any override's) depends on calibration statistics at all."""
+    return any(s.uses_gptq or s.static_inputs or s.smoothing is not None or s.kv_cache is not None
+               or s.sparsity is not None for s in scheme.schemes)
 
 
 def is_ignored(name: str, patterns: tuple[str, ...]) -> bool:
-    """Globs match the full module name or a dotted suffix of it ("down_proj", "mlp.*",
-    "model.layers.0.*"); `re:` patterns use re.fullmatch on the full name."""
-    for p in patterns:
-        if p.startswith("re:"):
-            if re.fullmatch(p[3:], name):
-                return True
-        elif fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p):
-            return True
-    return False
+    """Whether `patterns` (an ignore list) name the module `name`: see schemes.name_matches."""
+    return name_matches(name, patterns)
 
 
 def _run(layer: nn.Module, h: torch.Tensor, kw: dict) -> torch.Tensor:
@@ -309,6 +302,12 @@ def resolve_group_size(ckpt: Checkpoint, scheme: Scheme) -> tuple[Scheme, str | 
     requested size does not divide some in_features (SmolLM2's 576 and 128), the largest
     vLLM-supported size below it that divides them all is used instead, and we say so.
     """
+    if scheme.overrides:  # each override's group size is resolved as its own scheme's
+        done = [(p, *resolve_group_size(ckpt, s)) for p, s in scheme.overrides]
+        base, notice = resolve_group_size(ckpt, dataclasses.replace(scheme, overrides=()))
+        notices = [n for n in [notice, *(n for _, _, n in done)] if n]
+        return (dataclasses.replace(base, overrides=tuple((p, s) for p, s, _ in done)),
+                "; ".join(dict.fromkeys(notices)) or None)
     spec = scheme.weights
     if spec.granularity != "group":
         return scheme, None
@@ -328,6 +327,22 @@ def resolve_group_size(ckpt: Checkpoint, scheme: Scheme) -> tuple[Scheme, str | 
     notice = (f"group size {spec.group_size} does not divide in_features {odd}; using {fits[0]}, "
               "the largest group size vLLM serves that does")
     return scheme.with_options(group_size=fits[0]), notice
+
+
+def layer_scheme(scheme: Scheme, prefix: str, names) -> Scheme:
+    """The one scheme of decoder layer `prefix` under `scheme`'s overrides. Overrides choose
+    whole decoder layers: a layer's statistics, smoothing (which rescales its norms) and
+    input quantization follow one scheme, and no fused q/k/v or gate/up set can be split
+    (vLLM runs each as one matmul, so its shards must share a scheme)."""
+    if not scheme.overrides:
+        return scheme
+    found = {n: scheme.scheme_for(prefix + n) for n in names}
+    chosen = set(found.values())
+    if len(chosen) > 1:
+        raise LowbitError(f"the overrides give {prefix.rstrip('.')} several schemes ("
+                          + ", ".join(f"{n}: {s.name}" for n, s in found.items())
+                          + "); an override chooses whole decoder layers (e.g. 'layers.3.*')")
+    return chosen.pop() if chosen else scheme
 
 
 def _drop_outer(model: nn.Module, layers_path: str) -> None:
@@ -389,11 +404,11 @@ def quantize_layers(ckpt: Checkpoint, scheme: Scheme, samples: list[torch.Tensor
     hidden, kwargs = capture_inputs(model, layers, [b.to(device) for b in stack_batches(probe, plan)])
     report_batches = max(0, min(report_batches - first, len(hidden)))
     _drop_outer(model, arch.layers)  # embeddings and lm_head are not needed past this point
-    static_inputs = scheme.static_inputs
-    single = one_pass(scheme)
-    sets = None
+    mixed, sets = scheme, None
     for i in progress(range(len(layers)), "quantizing layers"):
         layer, prefix = layers[i], f"{arch.layers}.{i}."
+        scheme = layer_scheme(mixed, prefix, linears(layer))  # mixed precision: one per layer
+        static_inputs, single = scheme.static_inputs, one_pass(scheme)
         if i >= start or sets is None:  # a replayed layer is read from OUT, not from the input
             ckpt.materialize(layer, prefix, compute, device)
             layer.to(device)  # its buffers, if any

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import re
 from dataclasses import dataclass
 
 from .errors import LowbitError
@@ -38,7 +40,8 @@ class Scheme:
 
     `ignore` holds module-name patterns (fnmatch-style globs, or `re:` regular expressions)
     of Linears left in their original precision; lm_head and embeddings are never quantized
-    unless a later scheme says so.
+    unless a later scheme says so. `overrides` maps patterns of the same kind to another
+    scheme for the Linears they match (mixed precision: `scheme_for`, `with_overrides`).
     """
 
     name: str
@@ -54,6 +57,39 @@ class Scheme:
     sparsity_structure: str = "unstructured"  # "unstructured" | "2:4" (2 of every 4 inputs kept)
     ignore: tuple[str, ...] = ("lm_head",)
     description: str = ""
+    overrides: tuple[tuple[str, "Scheme"], ...] = ()  # (pattern, scheme), first match wins
+
+    @property
+    def schemes(self) -> tuple["Scheme", ...]:
+        """This scheme and every override's, each once."""
+        out = [self]
+        for _, s in self.overrides:
+            if s not in out:
+                out.append(s)
+        return tuple(out)
+
+    def scheme_for(self, name: str) -> "Scheme":
+        """The scheme of the module `name`: the first override whose pattern matches it, else this."""
+        return next((s for p, s in self.overrides if name_matches(name, (p,))), self)
+
+    def with_overrides(self, overrides: dict[str, "Scheme"] | list[tuple[str, "Scheme"]]) -> "Scheme":
+        """This scheme with `overrides` (pattern -> scheme) quantizing the Linears they match.
+
+        An override shares this scheme's ignore list and KV cache (compressed-tensors has one
+        of each per checkpoint); rotations and pruning stay uniform (one transform_config, one
+        sparsity_config), so neither may differ between the schemes."""
+        items = tuple(overrides.items() if isinstance(overrides, dict) else overrides)
+        out = []
+        for pattern, s in items:
+            if self.rotation_block or s.rotation_block:
+                raise LowbitError(f"override {pattern}={s.name}: mixed precision does not take mr-gptq")
+            if self.sparsity is not None or s.sparsity is not None:
+                raise LowbitError(f"override {pattern}={s.name}: mixed precision does not take --sparsity")
+            if s.overrides:
+                raise LowbitError(f"override {pattern}={s.name} has overrides of its own")
+            out.append((pattern, dataclasses.replace(s, ignore=self.ignore, kv_cache=self.kv_cache,
+                                                     kv_scale=self.kv_scale)))
+        return dataclasses.replace(self, overrides=self.overrides + tuple(out))
 
     @property
     def uses_gptq(self) -> bool:
@@ -72,7 +108,8 @@ class Scheme:
 
     def with_ignore(self, patterns: tuple[str, ...] | list[str]) -> "Scheme":
         extra = tuple(p for p in patterns if p not in self.ignore)
-        return dataclasses.replace(self, ignore=self.ignore + extra)
+        return dataclasses.replace(self, ignore=self.ignore + extra, overrides=tuple(
+            (p, dataclasses.replace(s, ignore=self.ignore + extra)) for p, s in self.overrides))
 
     def with_options(self, *, group_size: int | None = None, algorithm: str | None = None,
                      kv_cache: str | None = None, kv_scale: str | None = None,
@@ -120,6 +157,18 @@ class Scheme:
             raise LowbitError("--algorithm mr-gptq rotates the inputs SmoothQuant would scale; "
                               "use one of them (--smoothquant off)")
         return scheme
+
+
+def name_matches(name: str, patterns: tuple[str, ...]) -> bool:
+    """Globs match the full module name or a dotted suffix of it ("down_proj", "mlp.*",
+    "model.layers.0.*"); `re:` patterns use re.fullmatch on the full name."""
+    for p in patterns:
+        if p.startswith("re:"):
+            if re.fullmatch(p[3:], name):
+                return True
+        elif fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(name, "*." + p):
+            return True
+    return False
 
 
 ALGORITHMS = ("rtn", "gptq", "mr-gptq")

@@ -41,13 +41,17 @@ def spec_from_args(args: dict) -> QuantSpec:
 
 
 def _scheme_for(name: str, module: nn.Module, qcfg: dict) -> dict | None:
+    """The config group quantizing module `name`, matched as compressed-tensors matches it
+    (match_targets): exact names first, then `re:` patterns, then the class name "Linear",
+    so a group naming some layers beats the group targeting every Linear."""
     if any(name == p or (p.startswith("re:") and re.match(p[3:], name)) for p in qcfg.get("ignore", [])):
         return None
-    for group in qcfg["config_groups"].values():
-        for t in group["targets"]:
-            if (t == "Linear" and isinstance(module, nn.Linear)) or (
-                    t.startswith("re:") and re.match(t[3:], name)):
-                return group
+    targets = [(t, g) for g in qcfg["config_groups"].values() for t in g["targets"]]
+    for hit in (lambda t: t == name, lambda t: t.startswith("re:") and re.match(t[3:], name),
+                lambda t: t == "Linear" and isinstance(module, nn.Linear)):
+        group = next((g for t, g in sorted(targets, key=lambda tg: tg[0]) if hit(t)), None)
+        if group is not None:
+            return group
     return None
 
 

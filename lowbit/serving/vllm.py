@@ -58,15 +58,15 @@ def cpu_plan(qcfg: dict | None, isa: str) -> tuple[str, str | None]:
     dtype, gap = "float32", None
     if any(w.get("type") == "float" and w.get("num_bits") == 4 for w in weights):
         gap = "NO_KERNEL: FP4 (NVFP4/MXFP4) checkpoints have not run in vLLM's CPU build here"
-    elif any(w.get("type") == "int" for w in weights) and not any(inputs):  # W4A16, W8A16
+    elif any(w.get("type") == "int" and not i for w, i in zip(weights, inputs)):  # W4A16, W8A16
         dtype = "bfloat16"  # _C.cpu_gemm_wna16 has no float32 path
         if not isa.startswith("AVX512"):
             gap = _known("cpu_gemm_wna16")
     elif any(w.get("type") == "int" for w in weights):  # W8A8_INT8
         if "+AMX" in isa:
             dtype = "bfloat16"  # on AMX the int8 kernel takes 16-bit activations only
-    elif any(w.get("type") == "float" and w.get("strategy") == "tensor" and i and not i.get("dynamic")
-             for w, i in zip(weights, inputs)):
+    if gap is None and any(w.get("type") == "float" and w.get("strategy") == "tensor" and i
+                           and not i.get("dynamic") for w, i in zip(weights, inputs)):  # any group
         gap = _known("static_scaled_fp8_quant")
     if gap is None and qcfg.get("kv_cache_scheme") and not isa.startswith("AVX512"):
         gap = _known("FP8 KV cache on CPU requires")
