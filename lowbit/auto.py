@@ -3,10 +3,13 @@
 Candidate schemes are tried from cheapest to safest (each with its preset's algorithm: GPTQ for
 W4A16, AutoSmoothQuant for W8A8_INT8), each evaluated through `compare` (whose results.json
 keeps every evaluation, so a candidate is measured once). If no uniform scheme passes, the
-cheapest one keeps its worst decoder layers (by the per-layer report) unquantized, 1, 2, 4, ...
-of them, until it passes or exceeds the bit budget. Whole decoder layers are kept so no fused
-q/k/v or gate/up set is split; the result is one compressed-tensors config group plus an
-ignore list, which vLLM and transformers load like any lowbit checkpoint.
+cheapest one keeps its worst decoder layers (by the per-layer report) in the next candidate's
+scheme (W8A8_INT8 after W4A16), 1, 2, 4, ... of them, until it passes or exceeds the bit
+budget; only if that never passes are the worst layers kept unquantized instead (same
+sequence). Whole decoder layers are kept so no fused q/k/v or gate/up set is split (vLLM
+needs a fused set's shards in one scheme). A mixed checkpoint has a compressed-tensors config
+group per scheme (the kept layers' group names them with `re:` targets); vLLM serves W4A16
+with W8A8_INT8 layers (each Linear picks its kernel), and transformers loads it.
 """
 
 from __future__ import annotations
@@ -32,10 +35,16 @@ def worst_layers(report: dict) -> list[int]:
     return sorted(worst, key=lambda i: -worst[i])
 
 
-def _kept(path: Path) -> set[int]:
-    """The decoder layers a checkpoint leaves unquantized (from its quantization_config)."""
+def _kept(path: Path) -> dict[int, str]:
+    """Decoder layer -> how a checkpoint keeps it apart from its scheme: "unquantized" (in its
+    ignore list) or the override scheme's name (from lowbit_report.json)."""
+    from .api import REPORT_FILE
+
     ignore = json.loads((path / "config.json").read_text())["quantization_config"].get("ignore", [])
-    return {int(m.group(1)) for n in ignore if (m := re.search(r"\.layers\.(\d+)\.", n))}
+    kept = {int(m.group(1)): "unquantized" for n in ignore if (m := re.search(r"\.layers\.(\d+)\.", n))}
+    overrides = json.loads((path / REPORT_FILE).read_text()).get("overrides") or {}
+    kept.update({int(m.group(1)): o["scheme"] for p, o in overrides.items() if (m := re.match(r"layers\.(\d+)\.", p))})
+    return kept
 
 
 def _spec(plan: list[tuple[str, str, str | None]]) -> str:
@@ -45,7 +54,7 @@ def _spec(plan: list[tuple[str, str, str | None]]) -> str:
 def auto(model: str | Path, out: str | Path, *, gate: float = 99.0, budget_bits: float | None = None,
          candidates: str = CANDIDATES, **options) -> dict:
     """Write to `out` the cheapest checkpoint of `model` whose every recovery is >= `gate` %
-    and whose bits per weight (kept layers counted at their 16 bits) is at most `budget_bits`.
+    and whose bits per weight (kept layers counted at their stored bits) is at most `budget_bits`.
     Candidates and the compare report go to OUT.auto/ (reused by a rerun). Returns
     {"pick": name or None, "tried": [...], "notes": [why candidates were skipped], "report":
     OUT.auto, "compare": the last compare() result}; `options` go to compare()."""
@@ -81,29 +90,36 @@ def auto(model: str | Path, out: str | Path, *, gate: float = 99.0, budget_bits:
         if pick:
             break
     extra: list[Path] = []
-    if pick is None:  # keep the cheapest scheme's worst decoder layers unquantized
+    if pick is None:  # keep the cheapest scheme's worst decoder layers in a safer scheme, else unquantized
         name, scheme, algorithm = plan[0]
         report = json.loads((work / name / "lowbit_report.json").read_text())
         order, quantized = worst_layers(report), quantized_linears(work / name)
-        k = 1
-        while k < len(order):
-            keep = f"{name}-keep{k}"
-            path = work / keep
-            if path.exists() and _kept(path) != set(order[:k]):
-                raise LowbitError(f"{path} keeps other layers than {sorted(order[:k])}: remove it")
-            if not path.exists():
-                quantize_into(model, path, scheme, algorithm, dict(
-                    quantize_options, ignore=[f"layers.{i}.*" for i in order[:k]]))
-            bits = sizes(path, model, quantized)["bits_per_weight"]
-            if budget_bits is not None and bits > budget_bits:
-                notes.append(f"{keep}: {bits:.2f} bits per weight exceeds the budget of {budget_bits:g}")
-                break
-            tried.append(keep)
-            extra.append(path)
-            pick, c = passing(_spec(plan), extra)
+        every = parse_schemes(candidates)
+        safer = every[[c[0] for c in every].index(name) + 1:][:1]  # the next candidate, budget aside
+        for keeper, keeper_scheme, keeper_algorithm in [*safer, (None, None, None)]:
+            held = get_scheme(keeper_scheme).with_options(algorithm=keeper_algorithm) if keeper else None
+            k = 1
+            while k < len(order):
+                keep = f"{name}+{keeper}x{k}" if keeper else f"{name}-keep{k}"
+                path, want = work / keep, {i: held.name if held else "unquantized" for i in order[:k]}
+                if path.exists() and _kept(path) != want:
+                    raise LowbitError(f"{path} keeps other layers than {sorted(order[:k])}: remove it")
+                layers = [f"layers.{i}.*" for i in order[:k]]
+                if not path.exists():
+                    quantize_into(model, path, scheme, algorithm, dict(quantize_options, **(
+                        {"overrides": dict.fromkeys(layers, held)} if held else {"ignore": layers})))
+                bits = sizes(path, model, quantized)["bits_per_weight"]
+                if budget_bits is not None and bits > budget_bits:
+                    notes.append(f"{keep}: {bits:.2f} bits per weight exceeds the budget of {budget_bits:g}")
+                    break
+                tried.append(keep)
+                extra.append(path)
+                pick, c = passing(_spec(plan), extra)
+                if pick:
+                    break
+                k *= 2
             if pick:
                 break
-            k *= 2
     if pick is not None:
         with atomic_dir(out) as tmp:  # a copy: OUT.auto keeps every candidate for a rerun
             shutil.copytree(work / pick["name"], tmp, dirs_exist_ok=True)

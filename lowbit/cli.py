@@ -525,7 +525,9 @@ def build_parser() -> argparse.ArgumentParser:
     u = sub.add_parser("auto", help="the cheapest scheme that passes an accuracy gate",
                        description="Try schemes from cheapest to safest (each evaluated against MODEL "
                        "as in compare); if none passes, keep the cheapest one's worst decoder layers "
-                       "unquantized (1, 2, 4, ... by the per-layer report) until it passes. Writes the "
+                       "(1, 2, 4, ... by the per-layer report) in the next candidate's scheme (one "
+                       "checkpoint, a config group per scheme), then, if that never passes, "
+                       "unquantized, until it passes. Writes the "
                        "pick to OUT and every candidate and the compare report to OUT.auto/. Exit 0 "
                        "with a pick, 1 when nothing passes, 2 on a usage error.")
     u.add_argument("model", help="the unquantized checkpoint directory")
@@ -533,7 +535,7 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--gate", type=_fraction, default=99.0,
                    help="every recovery at least this %% (default: 99)")
     u.add_argument("--budget-bits", type=_fraction, metavar="B", help="at most B bits per weight over the "
-                   "quantized Linears, kept layers counted at 16")
+                   "quantized Linears, kept layers counted at their stored bits (16 unquantized)")
     u.add_argument("--candidates", default="W4A16,W8A8_INT8,FP8", metavar="S1,S2",
                    help="schemes cheapest first, NAME[:ALGORITHM] (default: W4A16,W8A8_INT8,FP8)")
     u.add_argument("--dataset", default="sharegpt",

@@ -97,3 +97,34 @@ def test_generation_quality_reaches_every_candidate_and_the_model_answers_once(t
     # (test_report checks intervals on answers that overlap)
     assert all(r["recovery_ci95"] == {} and r["recovery"]["generation.vs_reference.rouge1"] is None
                for r in rows)
+
+
+def test_the_worst_layer_is_kept_in_the_next_candidates_scheme_before_16_bits(tiny_dir, evaldata, tmp_path):
+    model, out = tiny_dir("llama"), tmp_path / "pick"
+    cands = "W4A16:rtn,W8A8_INT8"
+    code, stdout, stderr = run_cli(*auto_args(model, out, evaldata, "--candidates", cands, "--gate", "101"))
+    assert code == 1, stderr
+    work = tmp_path / "pick.auto"
+    rows = {r["name"]: r for r in json.loads((work / "results.json").read_text())["analysis"]["rows"]}
+    # the uniform candidates, then the mixed one, then (it fails too) the layer unquantized
+    tried = [line.split()[0] for line in stdout.splitlines() if "bits/weight" in line]
+    assert tried == ["W4A16-rtn", "W8A8_INT8", "W4A16-rtn+W8A8_INT8x1", "W4A16-rtn-keep1"]
+    assert set(rows) == set(tried)
+    worst = worst_layers(json.loads((work / "W4A16-rtn" / "lowbit_report.json").read_text()))[0]
+    groups = json.loads((work / "W4A16-rtn+W8A8_INT8x1" / "config.json").read_text())[
+        "quantization_config"]["config_groups"]
+    assert groups["group_0"]["targets"] == ["Linear"] and groups["group_0"]["weights"]["num_bits"] == 4
+    (target,) = groups["group_1"]["targets"]
+    assert groups["group_1"]["weights"]["num_bits"] == 8 and f"layers\\.{worst}\\." in target
+    # half the Linears at W8A8_INT8's bits, half at W4A16's
+    bits = {n: rows[n]["bits_per_weight"] for n in rows}
+    assert bits["W4A16-rtn+W8A8_INT8x1"] == pytest.approx((bits["W4A16-rtn"] + bits["W8A8_INT8"]) / 2)
+
+    # a budget that rules uniform W8A8_INT8 out, and a gate the mixed checkpoint meets but W4A16 not
+    low, high = rows["W4A16-rtn"]["min_recovery"], rows["W4A16-rtn+W8A8_INT8x1"]["min_recovery"]
+    assert low < high
+    code, stdout, stderr = run_cli(*auto_args(model, out, evaldata, "--candidates", cands, "--budget-bits", "7",
+                                              "--gate", f"{(low + high) / 2 * 100:.6f}"))
+    assert code == 0, stderr
+    assert f"wrote {out} (W4A16-rtn+W8A8_INT8x1)" in stdout
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"] == groups
