@@ -254,3 +254,25 @@ def test_static_fp8_hits_the_named_vllm_bug_after_loading(smollm2_dir, tmp_path_
     r = v.verify(out, prompts=FP8_SIZE[0], seq_len=FP8_SIZE[1], floor=floors("float32", FP8_SIZE)["measured"])
     _report(r)
     assert r["status"] == "VLLM_BUG" and "requantize_with_max_scale" in "\n".join(r["explanation"])
+
+
+@needs_vllm
+@pytest.mark.vllm
+def test_vllm_serves_w4a16_with_w8a8_int8_layers_as_lowbit_computes(smollm2_dir, tmp_path_factory, floors):
+    """Mixed precision (lowbit auto's output): three decoder layers in W8A8_INT8, the rest in
+    W4A16, one checkpoint with two config groups; each vLLM Linear picks its group's kernel
+    (a fused qkv_proj / gate_up_proj matches the W8A8 group when all its shards do)."""
+    from lowbit.schemes import PRESETS
+
+    int8 = PRESETS["W8A8_INT8"].with_options(smoothing=INT8["smoothquant"])
+    out = tmp_path_factory.mktemp("vllm") / "W4A16+W8A8_INT8"
+    lowbit.quantize(smollm2_dir, out, "W4A16", samples=8, seq_len=128, **RTN,
+                    overrides={f"layers.{i}.*": int8 for i in (0, 7, 29)})
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert len(groups) == 2
+    r = v.verify(out, prompts=SIZE[0], seq_len=SIZE[1], floor=floors("bfloat16")["measured"],
+                 dtype="bfloat16")  # vLLM CPU's INT4 GEMM has no float32 path
+    _report(r)
+    if r["status"] == "NO_KERNEL":
+        pytest.skip("W4A16 + W8A8_INT8: " + " ".join(r["explanation"][2:4]))
+    assert r["status"] == "PASS", r["explanation"] or r["rule"]
