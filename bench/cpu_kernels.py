@@ -67,6 +67,36 @@ def candidates(m: int, k: int, n: int) -> dict[str, callable]:
     }
 
 
+def crossover(m: int, k: int, n: int) -> dict[str, callable]:
+    """The INT4/INT8 weight kernels against a dense GEMM on weights dequantized for the call
+    (what kernels_cpu does from DENSE_ROWS rows), bf16 activations."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    c4 = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+    packed, so = K.int4_pack(c4, (torch.rand(n, k // 64, generator=g) / 50).bfloat16(), None)
+    c8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    s8 = (torch.rand(n, generator=g) / 50).bfloat16()
+    dense = K.dense_dtype()
+    return {
+        "int4pack": lambda: K.int4_mm(x, packed, so, 64),
+        f"int4 dense {str(dense)[6:]}/call": lambda: K.int4_mm(x, packed, so, 64, 1, dense),
+        "int8pack": lambda: K.int8_weight_mm(x, c8, s8),
+        f"int8 dense {str(dense)[6:]}/call": lambda: K.int8_weight_mm(x, c8, s8, 1, dense),
+    }
+
+
+def print_table(title: str, shapes, make) -> None:
+    print(f"{title}\n\n| kernel | " + " | ".join(f"{m}x{k}->{n}" for m, k, n in shapes) + " |")
+    print("|---" * (len(shapes) + 1) + "|")
+    table = {}
+    for m, k, n in shapes:
+        for name, f in make(m, k, n).items():
+            table.setdefault(name, []).append(micros(f, calls=30 if m == 1 else 3))
+    for name, times in table.items():
+        print(f"| {name} | " + " | ".join(f"{t:.0f}" for t in times) + " |")
+    print()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
@@ -75,14 +105,9 @@ def main() -> None:
     warnings.simplefilter("ignore")
     shapes = [(1, 576, 1536), (1, 1536, 576), (1, 576, 576), (256, 576, 1536)]
     print(f"CPU ISA {cpu_isa()}, {a.threads} thread(s); microseconds per call (M x K -> N)\n")
-    print("| kernel | " + " | ".join(f"{m}x{k}->{n}" for m, k, n in shapes) + " |")
-    print("|---" * (len(shapes) + 1) + "|")
-    table = {}
-    for m, k, n in shapes:
-        for name, f in candidates(m, k, n).items():
-            table.setdefault(name, []).append(micros(f, calls=30 if m == 1 else 3))
-    for name, times in table.items():
-        print(f"| {name} | " + " | ".join(f"{t:.0f}" for t in times) + " |")
+    print_table("Kernels per format", shapes, candidates)
+    print_table("Packed kernel or dense GEMM per call, by rows (kernels_cpu.DENSE_ROWS)",
+                [(m, 576, 1536) for m in (1, 8, 16, 32, 48, 64, 128, 256)], crossover)
 
 
 if __name__ == "__main__":

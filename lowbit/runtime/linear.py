@@ -31,9 +31,10 @@ class _Packed(nn.Module):
 
 
 class Int4Linear(_Packed):
-    """INT4 weights in groups of 32-256, symmetric or with zero points (W4A16)."""
+    """INT4 weights in groups of 32-256, symmetric or with zero points (W4A16). `dense=False`
+    keeps prefill-sized inputs on the packed kernel too (tests compare the two)."""
 
-    def __init__(self, q: Quantized, dtype: torch.dtype, fast: bool = True):
+    def __init__(self, q: Quantized, dtype: torch.dtype, fast: bool = True, dense: bool = True):
         super().__init__(q, dtype)
         g = q.grid.spec.group_size
         if fast and K.int4_supported(self.out_features, self.in_features, g):
@@ -41,7 +42,12 @@ class Int4Linear(_Packed):
             packed, scale_offset = K.int4_pack(q.codes, q.scale, q.zero)
             self.register_buffer("weight_int4pack", packed)
             self.register_buffer("weight_scale_offset", scale_offset)
-            self._mm = partial(K.int4_mm, packed=packed, scale_offset=scale_offset, group=g)
+            # prefill-sized inputs dequantize for the call, where the unpacker reads this layout
+            unpacked = K.int4_unpack(packed, self.out_features, self.in_features)
+            known = unpacked is not None and torch.equal(unpacked, (q.codes.T + 8).to(torch.uint8))
+            self.dense_from = K.DENSE_ROWS["int4"] if known and dense else K.NEVER
+            self._mm = partial(K.int4_mm, packed=packed, scale_offset=scale_offset, group=g,
+                               dense_from=self.dense_from, dtype=K.dense_dtype())
         else:
             _dequant_buffers(self, q, g)
 
@@ -49,14 +55,16 @@ class Int4Linear(_Packed):
 class Int8Linear(_Packed):
     """INT8 per-channel weights, 16-bit activations (W8A16)."""
 
-    def __init__(self, q: Quantized, dtype: torch.dtype, fast: bool = True):
+    def __init__(self, q: Quantized, dtype: torch.dtype, fast: bool = True, dense: bool = True):
         super().__init__(q, dtype)
         if fast and K.int8_weight_supported(self.in_features):
             self.kernel = "int8pack"
             codes, scale = q.codes.contiguous(), q.scale.reshape(-1).to(torch.bfloat16)
             self.register_buffer("weight", codes)
             self.register_buffer("weight_scale", scale)
-            self._mm = partial(K.int8_weight_mm, codes=codes, scale=scale)
+            self.dense_from = K.DENSE_ROWS["int8"] if dense else K.NEVER
+            self._mm = partial(K.int8_weight_mm, codes=codes, scale=scale, dense_from=self.dense_from,
+                               dtype=K.dense_dtype())
         else:
             _dequant_buffers(self, q, self.in_features)
 
