@@ -166,9 +166,9 @@ def load(path: str | Path, dtype: torch.dtype | str = "auto", packed: bool = Tru
     checkpoints with weights dequantized exactly as stored and input activations quantized
     in the forward pass, as vLLM computes them. `dtype` is what it computes in: a torch dtype,
     or "auto" (the checkpoint's dtype where this CPU computes it natively, else float32),
-    "float32" or "bfloat16". With `packed` (the default), INT4 group and INT8 per-channel
-    weights stay packed and run integer kernels (lowbit/runtime/linear.py); packed=False is
-    the dequantized reference."""
+    "float32" or "bfloat16". With `packed` (the default), INT4 group, INT8 per-channel, FP8 and
+    NVFP4/MXFP4 weights stay as stored and run their own kernels (lowbit/runtime/linear.py);
+    packed=False is the dequantized reference."""
     from .runtime.load import load_model
 
     if isinstance(dtype, str):
