@@ -1,10 +1,13 @@
 """Claim: the kernels lowbit/runtime/kernels_cpu.py picks are the fastest correct ones here.
 
-Times one Linear at SmolLM2-135M shapes (batch 1 decode, and a 256-token prefill for the INT8
-input kernels) for each candidate: the dense layer in float32 and bf16, torch's INT4 and INT8
-weight kernels with float32 and bf16 activations, dequantizing per call, and for per-token INT8
-inputs FBGEMM's dynamic linear against quantizing in torch and `torch._int_mm`. Best of 7 runs
-of 30 calls, in microseconds. Run it again under an AVX2-only ISA with
+Times one Linear at SmolLM2-135M shapes (batch 1 decode, and a 256-token prefill) for each
+candidate: the dense layer in float32 and bf16, torch's INT4 and INT8 weight kernels with
+float32 and bf16 activations, dequantizing per call, for per-token INT8 inputs FBGEMM's dynamic
+linear against quantizing in torch and `torch._int_mm`, and for FP8 / NVFP4 / MXFP4 lowbit's C
+kernels (runtime/kernels_fp.py) against torch's conversions and `torch._scaled_mm`. Then, by
+number of rows, each packed kernel against a dense GEMM on weights dequantized for the call
+(what decides kernels_cpu.DENSE_ROWS and kernels_fp.DENSE_ROWS). Best of 7 runs of 30 calls
+(3 at more than one row), in microseconds. Run it again under an AVX2-only ISA with
 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2.
 
     python bench/cpu_kernels.py --threads 1
@@ -22,11 +25,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parents[1]))
 from lowbit.hardware import cpu_isa  # noqa: E402
+from lowbit.formats.grid import Quantized, grid_for  # noqa: E402
+from lowbit.formats.pack import pack_fp4, unpack_fp4  # noqa: E402
 from lowbit.runtime import kernels_cpu as K  # noqa: E402
+from lowbit.runtime import kernels_fp as F  # noqa: E402
+from lowbit.schemes import MXFP4_G32, NVFP4_G16  # noqa: E402
 
 
 def micros(f, calls: int = 30, runs: int = 7) -> float:
-    for _ in range(3):
+    for _ in range(min(3, calls)):
         f()
     best = float("inf")
     for _ in range(runs):
@@ -53,6 +60,19 @@ def candidates(m: int, k: int, n: int) -> dict[str, callable]:
         s = x.abs().amax(-1, keepdim=True) / 127
         return torch._int_mm(torch.round(x / s).to(torch.int8), c8.T.contiguous()) * s * s8.float()
 
+    f8 = (w * 40).clamp(-448, 448).to(torch.float8_e4m3fn)
+    e2m1 = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
+    c2 = e2m1[torch.randint(0, 16, (n, k), generator=g)].to(torch.float8_e4m3fn)
+    p4 = pack_fp4(c2)
+    nv = (torch.rand(n, k // 16, generator=g) * 400).to(torch.float8_e4m3fn)
+    mx = torch.randint(118, 131, (n, k // 32), dtype=torch.uint8, generator=g)
+    gs = torch.tensor([2000.0])
+    nvq = Quantized(c2, nv, grid_for(NVFP4_G16).bind_amax(torch.tensor(1.0)))
+
+    def scaled_mm():  # per-tensor FP8 inputs and weights (W8A8 static) through torch's CPU op
+        return torch._scaled_mm(x.clamp(-448, 448).to(torch.float8_e4m3fn), f8.T, torch.tensor(1.0),
+                                torch.tensor(1.0), out_dtype=torch.bfloat16)
+
     return {
         "dense fp32": lambda: torch.nn.functional.linear(x, w),
         "dense bf16": lambda: torch.nn.functional.linear(xb, wb),
@@ -64,7 +84,54 @@ def candidates(m: int, k: int, n: int) -> dict[str, callable]:
         "int8 dequant/call": lambda: K.dequant_mm(x, c8.reshape(n, 1, k), s8.reshape(n, 1, 1), None),
         "W8A8 fbgemm": lambda: K.int8_dynamic_mm(x, fb, not torch.cpu._is_vnni_supported()),
         "W8A8 torch._int_mm": int_mm,
+        "fp8 C kernel (lowbit)": lambda: F.fp8_mm(x, f8, s8.float(), F.DENSE_ROWS, torch.bfloat16),
+        "fp8 torch .to(bf16)/call": lambda: torch.nn.functional.linear(xb, f8.to(torch.bfloat16)) * s8,
+        "fp8 torch._scaled_mm": scaled_mm if m == 1 else None,  # 13 s a call at 256 rows
+        "nvfp4 C kernel (lowbit)": lambda: F.fp4_mm(x, p4, nv, "e4m3", 16, gs, F.DENSE_ROWS, torch.bfloat16),
+        "nvfp4 torch unpack/call": lambda: torch.nn.functional.linear(
+            xb, Quantized(unpack_fp4(p4), nv, nvq.grid).dequantize().bfloat16()),
+        "mxfp4 C kernel (lowbit)": lambda: F.fp4_mm(x, p4, mx, "e8m0", 32, None, F.DENSE_ROWS, torch.bfloat16),
     }
+
+
+def crossover(m: int, k: int, n: int) -> dict[str, callable]:
+    """The INT4/INT8 weight kernels against a dense GEMM on weights dequantized for the call
+    (what kernels_cpu does from DENSE_ROWS rows), bf16 activations."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    c4 = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+    packed, so = K.int4_pack(c4, (torch.rand(n, k // 64, generator=g) / 50).bfloat16(), None)
+    c8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+    s8 = (torch.rand(n, generator=g) / 50).bfloat16()
+    dense = K.dense_dtype()
+    f8 = (torch.randn(n, k, generator=g) * 40).clamp(-448, 448).to(torch.float8_e4m3fn)
+    e2m1 = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
+    p4 = pack_fp4(e2m1[torch.randint(0, 16, (n, k), generator=g)].to(torch.float8_e4m3fn))
+    nv = (torch.rand(n, k // 16, generator=g) * 400).to(torch.float8_e4m3fn)
+    return {
+        "int4pack": lambda: K.int4_mm(x, packed, so, 64),
+        f"int4 dense {str(dense)[6:]}/call": lambda: K.int4_mm(x, packed, so, 64, 1, dense),
+        "int8pack": lambda: K.int8_weight_mm(x, c8, s8),
+        f"int8 dense {str(dense)[6:]}/call": lambda: K.int8_weight_mm(x, c8, s8, 1, dense),
+        "fp8 C row kernel": lambda: F.fp8_mm(x, f8, s8.float(), 1 << 62, dense),
+        f"fp8 dense {str(dense)[6:]}/call": lambda: F.fp8_mm(x, f8, s8.float(), 1, dense),
+        "nvfp4 C row kernel": lambda: F.fp4_mm(x, p4, nv, "e4m3", 16, None, 1 << 62, dense),
+        f"nvfp4 dense {str(dense)[6:]}/call": lambda: F.fp4_mm(x, p4, nv, "e4m3", 16, None, 1, dense),
+    }
+
+
+def print_table(title: str, shapes, make) -> None:
+    print(f"{title}\n\n| kernel | " + " | ".join(f"{m}x{k}->{n}" for m, k, n in shapes) + " |")
+    print("|---" * (len(shapes) + 1) + "|")
+    table = {}
+    for m, k, n in shapes:
+        for name, f in make(m, k, n).items():
+            slow = name.endswith("_scaled_mm")  # ~50 ms a call even at one row
+            table.setdefault(name, []).append(None if f is None else micros(
+                f, calls=1 if slow else 30 if m == 1 else 3, runs=2 if slow else 7))
+    for name, times in table.items():
+        print(f"| {name} | " + " | ".join("-" if t is None else f"{t:.0f}" for t in times) + " |")
+    print()
 
 
 def main() -> None:
@@ -75,14 +142,9 @@ def main() -> None:
     warnings.simplefilter("ignore")
     shapes = [(1, 576, 1536), (1, 1536, 576), (1, 576, 576), (256, 576, 1536)]
     print(f"CPU ISA {cpu_isa()}, {a.threads} thread(s); microseconds per call (M x K -> N)\n")
-    print("| kernel | " + " | ".join(f"{m}x{k}->{n}" for m, k, n in shapes) + " |")
-    print("|---" * (len(shapes) + 1) + "|")
-    table = {}
-    for m, k, n in shapes:
-        for name, f in candidates(m, k, n).items():
-            table.setdefault(name, []).append(micros(f, calls=30 if m == 1 else 3))
-    for name, times in table.items():
-        print(f"| {name} | " + " | ".join(f"{t:.0f}" for t in times) + " |")
+    print_table("Kernels per format", shapes, candidates)
+    print_table("Packed kernel or dense GEMM per call, by rows (DENSE_ROWS)",
+                [(m, 576, 1536) for m in (1, 4, 8, 16, 32, 48, 64, 128, 256)], crossover)
 
 
 if __name__ == "__main__":

@@ -175,9 +175,9 @@ def load(path: str | Path, dtype: torch.dtype | str = "auto", packed: bool = Tru
     checkpoints with weights dequantized exactly as stored and input activations quantized
     in the forward pass, as vLLM computes them. `dtype` is what it computes in: a torch dtype,
     or "auto" (the checkpoint's dtype where this CPU computes it natively, else float32),
-    "float32" or "bfloat16". With `packed` (the default), INT4 group and INT8 per-channel
-    weights stay packed and run integer kernels (lowbit/runtime/linear.py); packed=False is
-    the dequantized reference."""
+    "float32" or "bfloat16". With `packed` (the default), INT4 group, INT8 per-channel, FP8 and
+    NVFP4/MXFP4 weights stay as stored and run their own kernels (lowbit/runtime/linear.py);
+    packed=False is the dequantized reference."""
     from .runtime.load import load_model
 
     if isinstance(dtype, str):
@@ -194,7 +194,8 @@ def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: 
              windows: int = 32, seq_len: int = 512, device: str = "auto",
              compute: str = "auto", generate: int = 0, max_new_tokens: int = 64,
              tasks: str | list[str] | tuple[str, ...] = (), limit: int | None = None,
-             num_fewshot: int | None = None, reuse: dict | None = None) -> dict:
+             num_fewshot: int | None = None, reuse: dict | None = None,
+             packed: bool = False) -> dict:
     """Perplexity of `model` on held-out windows of `dataset` (its evaluation split); with a
     `baseline`, also mean next-token KL(baseline || model) and top-1 agreement. Both models run
     in one `compute` dtype, chosen for `model`'s stored dtype as in quantize().
@@ -206,7 +207,9 @@ def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: 
     on at most `limit` documents per task with `num_fewshot` examples (lowbit/harness.py).
     Both run lowbit's CPU runtime, packed kernels included. `reuse`: a dict shared by several
     calls, in which each model's answers and task scores are kept (quality.remembered), so a
-    baseline common to them is answered and scored once."""
+    baseline common to them is answered and scored once. `packed` runs `model`'s perplexity and
+    KL through the packed CPU kernels (lowbit.load's default) instead of the dequantizing
+    reference path; docs/benchmarks.md has the KL of both for every scheme."""
     from .metrics import compare
 
     start = time.perf_counter()
@@ -235,15 +238,17 @@ def evaluate(model: str | Path, baseline: str | Path | None = None, *, dataset: 
     where = resolve_device(device)
     forward = _compute_for(path, compute, where)
     log.info("computing in %s: %s", forward.name, forward.reason)
-    # the reference path: packed kernels are CPU-only, and their KL is checked against it
-    net = load(path, forward.dtype, packed=False).to(where)
+    # by default the reference path: packed kernels are CPU-only, and their KL is checked against it
+    if packed and where.type != "cpu":
+        raise LowbitError(f"packed kernels run on the CPU; evaluate with device='cpu', not {where}")
+    net = load(path, forward.dtype, packed=packed).to(where)
     base = load(baseline, forward.dtype, packed=False).to(where) if baseline is not None else None
     result = compare(net, wins, base)
     del net, base
     release_memory()
     result.update(model=str(path), baseline=str(baseline) if baseline else None,
                   windows=len(wins), seq_len=seq_len, size_bytes=_dir_size(path), device=str(where),
-                  compute_dtype=forward.as_dict())
+                  compute_dtype=forward.as_dict(), packed=packed)
     if generate:
         result["generation"] = quality.generation_quality(path, baseline, prompts, max_new_tokens=max_new_tokens,
                                                           dtype=forward.dtype, reuse=reuse)

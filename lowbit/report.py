@@ -248,7 +248,7 @@ def notes(results: dict) -> list[str]:
                 >= base_weights > 0 and r["size_bytes"] < 0.8 * results["base"]["size_bytes"]]
     if unpacked:
         lines.append(f"{', '.join(unpacked)}: lowbit's CPU runtime widens these weights to the compute "
-                     "dtype at load (it keeps only INT4-group and INT8-channel weights packed), so "
+                     "dtype at load (formats without a packed Linear in lowbit/runtime/linear.py), so "
                      "their resident memory and decode speed here are the base's kind; an engine "
                      "with native kernels for the format reads their size on disk.")
     if results.get("serving_files"):

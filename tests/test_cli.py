@@ -398,6 +398,20 @@ def test_api_evaluate_returns_what_eval_json_prints(quantized, tiny_dir, dataset
         assert result[key] == printed[key], key
 
 
+def test_eval_packed_scores_through_the_packed_kernels(quantized, tiny_dir, datasets):
+    out, src = quantized[3], tiny_dir("llama")  # FP8 W8A8: its Linears run lowbit's FP8 kernel
+    code, stdout, _ = run_cli("eval", out, "--baseline", src, "--dataset", datasets["txt"],
+                              *EVAL_ARGS, "--json", "--packed", "--compute-dtype", "float32")
+    fast = json.loads(stdout)
+    reference = api.evaluate(out, src, dataset=str(datasets["txt"]), windows=2, seq_len=32,
+                             compute="float32")
+    assert fast["packed"] is True and reference["packed"] is False
+    # in float32 the same input quantization and exact weights on both paths, sums in another
+    # order: the issue's 1 % (in bf16 the reference rounds its weights and the packed path does
+    # not; SmolLM2's KL for every scheme in both dtypes: docs/benchmarks.md)
+    assert fast["kl"] > 0 and abs(fast["kl"] - reference["kl"]) < 0.01 * reference["kl"]
+
+
 # ------------------------------------------------------------------- disks and permissions
 
 

@@ -178,3 +178,65 @@ def test_without_vector_instructions_the_fallback_is_chosen(checkpoints):
         out = subprocess.run([sys.executable, "-c", script, str(made[scheme])], env=env,
                              capture_output=True, text=True, check=True).stdout
         assert out.split() == ["DEFAULT", "['dequant']", "True"], out
+
+
+def dense_bound(x: torch.Tensor, q: Quantized) -> torch.Tensor:
+    """The dense per-call path rounds the inputs to bf16 (2^-9 relative), each weight's product
+    (code - 8) * scale to bf16 (2^-9 of |w|) and, with zero points, the bf16 offset and the sum
+    (2^-9 of |zero * scale| each, and of |w|); float32 accumulation adds ~K * 2^-24: four such
+    roundings bound it, 2^-7."""
+    w, zs = exact(q)
+    return 2.0**-7 * (x.double().abs() @ (w.abs() + zs).T) + 1e-6
+
+
+@pytest.mark.parametrize("group", [32, 64, 128, 256])
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_prefill_sized_inputs_take_the_dense_gemm(group, symmetric, monkeypatch):
+    from lowbit.runtime import kernels_cpu as K
+
+    q = random_quantized(128, 3 * group, 4, group, symmetric, seed=group + 1)
+    linear = packed_linear(q, None, torch.float32)
+    assert linear.kernel == "int4pack" and linear.dense_from == K.DENSE_ROWS["int4"]
+    calls = []
+    unpack = K.int4_dense_weight
+    monkeypatch.setattr(K, "int4_dense_weight", lambda *a: calls.append(1) or unpack(*a))
+    rows = linear.dense_from
+    for x in (torch.randn(rows - 1, 3 * group), torch.randn(2, rows, 3 * group)):
+        check(linear, x, q, dense_bound(x, q))
+    assert len(calls) == 1  # only the input with >= dense_from rows dequantized
+
+
+@pytest.mark.parametrize("k", [96, 160])
+def test_int8_prefill_dense_path(k):
+    from lowbit.runtime import kernels_cpu as K
+
+    q = random_quantized(48, k, 8, None, True, seed=k)
+    linear = packed_linear(q, None, torch.float32)
+    assert linear.dense_from == K.DENSE_ROWS["int8"]
+    for rows in (1, linear.dense_from - 1, linear.dense_from, 3 * linear.dense_from):
+        x = torch.randn(rows, k)
+        # codes are exact in bf16 and the scale multiplies the float32 output, so only the bf16
+        # inputs and (bf16 GEMM) its output round: 2^-8 covers both
+        check(linear, x, q, bf16_input_bound(x, q))
+
+
+def test_avx2_int4_layout_is_read_too():
+    # torch packs INT4 in blocks of 32 rows under AVX2 and 64 under AVX512: the loader checks
+    # its unpacker round-trips whichever layout this process got, and uses it
+    script = (
+        "import torch, sys\n"
+        "sys.path.insert(0, sys.argv[1])\n"
+        "from tests.test_linear import random_quantized, exact\n"
+        "from lowbit.runtime.linear import packed_linear\n"
+        "q = random_quantized(96, 128, 4, 32, False)\n"
+        "m = packed_linear(q, None, torch.float32)\n"
+        "x = torch.randn(200, 128)\n"
+        "err = (m(x).double() - x.double() @ exact(q)[0].T).abs().max().item()\n"
+        "print(torch.backends.cpu.get_cpu_capability(), m.dense_from, err < 0.05)\n")
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", script, root], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    from lowbit.runtime.kernels_cpu import DENSE_ROWS
+
+    assert out.split() == ["AVX2", str(DENSE_ROWS["int4"]), "True"], out

@@ -10,8 +10,11 @@ session's Sapphire Rapids and on the same CPU restricted to AVX2, are in docs/be
 - INT8 weights with per-token INT8 inputs: FBGEMM's dynamic linear (`quantized::linear_dynamic`)
   is the fastest at batch 1 and for a 256-token prefill on both ISAs; quantizing inputs in torch
   for `torch._int_mm` costs more than the matmul.
-Not yet handled: for prefill-sized batches the INT4/INT8 weight kernels are slower than a dense
-bf16 GEMM (AMX) would be on the dequantized weights.
+- Prefill: those two weight kernels cost ~35 us a row (576x1536, one thread), a dense GEMM on
+  weights dequantized for the call costs ~1.6 ms (INT4) or ~0.4 ms (INT8) once plus ~3 us a
+  row on AMX; so inputs of at least DENSE_ROWS rows take the dense path (`dense_from`).
+  FBGEMM's W8A8 stays for every size: its 256-row call (3 ms) costs what unpacking its weight
+  for a dense GEMM alone does.
 Without the vector ISA (ATEN's DEFAULT capability, other architectures) the packed kernels run
 scalar loops; there each Linear keeps int8 codes and dequantizes per call (`dequant_mm`).
 """
@@ -61,20 +64,71 @@ def int4_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | Non
     return packed, torch.stack([s, offset], -1).transpose(0, 1).contiguous().to(torch.bfloat16)
 
 
+def dense_dtype() -> torch.dtype:
+    """What a prefill-sized call dequantizes weights to: bf16 where the CPU multiplies it
+    natively (AMX, AVX512-BF16), else float32 (a bf16 GEMM on AVX2 is ~10x slower than float32)."""
+    from ..hardware import native_dtypes
+
+    return torch.bfloat16 if torch.bfloat16 in native_dtypes() else torch.float32
+
+
+def int4_unpack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor | None:
+    """Unsigned codes [K, N] (code + 8, uint8) from the int4pack layout, or None where this
+    torch/ISA packs otherwise. torch 2.13 packs blocks of B = 64 (AVX512) or 32 (AVX2) output
+    rows as [N/B, K, B/2] bytes, row j of a block in the low nibble and row j + B/2 in the high
+    one (aten/src/ATen/native/cpu/int4mm_kernel.cpp); the loader checks the round trip."""
+    b = 64 if torch.backends.cpu.get_cpu_capability().startswith("AVX512") else 32
+    if n % b or packed.shape != (n, k // 2):
+        return None
+    q = packed.reshape(n // b, k, b // 2)
+    return torch.cat([q & 15, q >> 4], -1).permute(1, 0, 2).reshape(k, n)
+
+
+def int4_dense_weight(packed: torch.Tensor, scale_offset: torch.Tensor, group: int,
+                      dtype: torch.dtype) -> torch.Tensor:
+    """The weights transposed, [K, N] in `dtype`: (u - 8) * scale + offset from the packed
+    codes, rounded once by the product (the reference path's rounding) and once by the offset."""
+    k, n = packed.shape[1] * 2, packed.shape[0]
+    w = (int4_unpack(packed, n, k).view(torch.int8) - 8).to(dtype).view(k // group, group, n)
+    # contiguous [K/g, 1, N] copies (1/g of the weights): a strided operand slows the products 5x
+    scale, offset = (scale_offset[..., i].to(dtype).unsqueeze(1).contiguous() for i in (0, 1))
+    return (w * scale).add_(offset).view(k, n)
+
+
+# rows from which a dense GEMM on weights dequantized for the call beats the packed kernel:
+# measured crossovers with bench/cpu_kernels.py on SmolLM2 shapes (docs/benchmarks.md)
+DENSE_ROWS = {"int4": 64, "int8": 16}
+NEVER = 1 << 62  # no dense path (a layout the unpacker does not know, or forced off)
+
+
 def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale_offset: torch.Tensor, group: int,
+            dense_from: int = NEVER, dtype: torch.dtype = torch.float32,
             bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ dequantized INT4 weights.T, activations rounded to bf16 (see module doc)."""
-    flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-    y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, packed, group, scale_offset)
+    """x [..., K] @ dequantized INT4 weights.T, activations rounded to bf16 (see module doc);
+    inputs of `dense_from` rows or more through a dense GEMM in `dtype` on weights dequantized
+    for the call."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] >= dense_from:
+        y = torch.matmul(flat.to(dtype), int4_dense_weight(packed, scale_offset, group, dtype))
+        y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(flat.to(torch.bfloat16), packed, group, scale_offset)
     y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
     return y if bias is None else y + bias
 
 
 def int8_weight_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
+                   dense_from: int = NEVER, dtype: torch.dtype = torch.float32,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ (int8 codes [N, K] * per-channel scale [N]).T, activations in bf16."""
-    flat = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)
-    y = torch._weight_int8pack_mm(flat, codes, scale).to(x.dtype).reshape(*x.shape[:-1], -1)
+    """x [..., K] @ (int8 codes [N, K] * per-channel scale [N]).T, activations in bf16; from
+    `dense_from` rows a dense GEMM in `dtype` on the codes (exact in bf16), the scale applied
+    to its output."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] >= dense_from:
+        y = torch.nn.functional.linear(flat.to(dtype), codes.to(dtype)).float() * scale.float()
+    else:
+        y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), codes, scale)
+    y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
     return y if bias is None else y + bias
 
 

@@ -10,12 +10,18 @@ import torch
 from torch import nn
 
 from ..formats.grid import Quantized
+from ..formats.pack import pack_fp4, unpack_fp4
 from ..schemes import QuantSpec
 from . import kernels_cpu as K
+from . import kernels_fp as F
 
 
 class _Packed(nn.Module):
-    """What every packed Linear shares: its shape, an optional bias, the chosen kernel."""
+    """What every packed Linear shares: its shape, an optional bias, the chosen kernel. Inputs
+    are quantized (and rotated) by the loader's forward pre-hook, as on the reference path,
+    unless `quantizes_inputs` (FBGEMM's W8A8 quantizes its own)."""
+
+    quantizes_inputs = False
 
     def __init__(self, q: Quantized, dtype: torch.dtype):
         super().__init__()
@@ -31,9 +37,10 @@ class _Packed(nn.Module):
 
 
 class Int4Linear(_Packed):
-    """INT4 weights in groups of 32-256, symmetric or with zero points (W4A16)."""
+    """INT4 weights in groups of 32-256, symmetric or with zero points (W4A16). `dense=False`
+    keeps prefill-sized inputs on the packed kernel too (tests compare the two)."""
 
-    def __init__(self, q: Quantized, dtype: torch.dtype, fast: bool = True):
+    def __init__(self, q: Quantized, dtype: torch.dtype, fast: bool = True, dense: bool = True):
         super().__init__(q, dtype)
         g = q.grid.spec.group_size
         if fast and K.int4_supported(self.out_features, self.in_features, g):
@@ -41,7 +48,12 @@ class Int4Linear(_Packed):
             packed, scale_offset = K.int4_pack(q.codes, q.scale, q.zero)
             self.register_buffer("weight_int4pack", packed)
             self.register_buffer("weight_scale_offset", scale_offset)
-            self._mm = partial(K.int4_mm, packed=packed, scale_offset=scale_offset, group=g)
+            # prefill-sized inputs dequantize for the call, where the unpacker reads this layout
+            unpacked = K.int4_unpack(packed, self.out_features, self.in_features)
+            known = unpacked is not None and torch.equal(unpacked, (q.codes.T + 8).to(torch.uint8))
+            self.dense_from = K.DENSE_ROWS["int4"] if known and dense else K.NEVER
+            self._mm = partial(K.int4_mm, packed=packed, scale_offset=scale_offset, group=g,
+                               dense_from=self.dense_from, dtype=K.dense_dtype())
         else:
             _dequant_buffers(self, q, g)
 
@@ -49,20 +61,24 @@ class Int4Linear(_Packed):
 class Int8Linear(_Packed):
     """INT8 per-channel weights, 16-bit activations (W8A16)."""
 
-    def __init__(self, q: Quantized, dtype: torch.dtype, fast: bool = True):
+    def __init__(self, q: Quantized, dtype: torch.dtype, fast: bool = True, dense: bool = True):
         super().__init__(q, dtype)
         if fast and K.int8_weight_supported(self.in_features):
             self.kernel = "int8pack"
             codes, scale = q.codes.contiguous(), q.scale.reshape(-1).to(torch.bfloat16)
             self.register_buffer("weight", codes)
             self.register_buffer("weight_scale", scale)
-            self._mm = partial(K.int8_weight_mm, codes=codes, scale=scale)
+            self.dense_from = K.DENSE_ROWS["int8"] if dense else K.NEVER
+            self._mm = partial(K.int8_weight_mm, codes=codes, scale=scale, dense_from=self.dense_from,
+                               dtype=K.dense_dtype())
         else:
             _dequant_buffers(self, q, self.in_features)
 
 
 class Int8DynamicLinear(_Packed):
     """INT8 per-channel weights, INT8 inputs quantized per token at run time (W8A8 dynamic)."""
+
+    quantizes_inputs = True
 
     def __init__(self, q: Quantized, dtype: torch.dtype, inputs: QuantSpec, fast: bool = True):
         super().__init__(q, dtype)
@@ -82,6 +98,49 @@ class Int8DynamicLinear(_Packed):
             self._mm = lambda x, bias: mm(quant(x), bias=bias)
 
 
+class Fp8Linear(_Packed):
+    """FP8 E4M3 weights, per-tensor or per-channel scales, one byte a weight (W8A16_FP8, and the
+    weights of FP8 / FP8_DYNAMIC, whose inputs the loader's hook quantizes as the reference does)."""
+
+    def __init__(self, q: Quantized, dtype: torch.dtype, fast: bool = True):
+        super().__init__(q, dtype)
+        codes = q.codes.contiguous()
+        scale = q.scale.float().reshape(-1)  # [N] or [1]: what the reference multiplies in float32
+        self.register_buffer("weight", codes)
+        self.register_buffer("weight_scale", scale)
+        if fast and F.library() is not None:
+            self.kernel = "fp8-c"
+            self._mm = partial(F.fp8_mm, codes=codes, scale=scale, dense_from=F.DENSE_ROWS,
+                               dtype=F.dense_dtype(dtype))
+        else:  # the reference path's weights, codes.to(float32) * scale, formed per call
+            self._mm = lambda x, bias: torch.nn.functional.linear(
+                x, (codes.float() * scale.unsqueeze(-1)).to(x.dtype), bias)
+
+
+class Fp4Linear(_Packed):
+    """NVFP4 / MXFP4 weights as stored: two E2M1 codes a byte, one E4M3 (NVFP4, groups of 16,
+    under a float32 global scale) or E8M0 (MXFP4, groups of 32) scale a group (NVFP4A16,
+    MXFP4A16, and the weights of NVFP4 / MXFP4, inputs quantized and rotated by the hook)."""
+
+    def __init__(self, q: Quantized, dtype: torch.dtype, fast: bool = True):
+        super().__init__(q, dtype)
+        grid, g = q.grid, q.grid.spec.group_size
+        packed = pack_fp4(q.codes)
+        self.register_buffer("weight_packed", packed)
+        self.register_buffer("weight_scale", q.scale.contiguous())
+        gs = None if grid.tensor_scale is None else grid.tensor_scale.float().reshape(1)
+        self.register_buffer("weight_global_scale", gs)
+        if fast and F.library() is not None:
+            self.kernel = "fp4-c"
+            self._mm = partial(F.fp4_mm, packed=packed, scale=self.weight_scale, kind=grid.scale_kind,
+                               group=g, divide=gs if grid.scale_kind == "e4m3" else None,
+                               dense_from=F.DENSE_ROWS, dtype=F.dense_dtype(dtype))
+        else:  # the reference path's weights, decoded per call by the same grid
+            scale = self.weight_scale
+            self._mm = lambda x, bias: torch.nn.functional.linear(
+                x, Quantized(unpack_fp4(packed), scale, grid).dequantize().to(x.dtype), bias)
+
+
 def _dequant_buffers(m: _Packed, q: Quantized, group: int) -> None:
     """The fallback: int8 codes [N, K/group, group] with their scales (and zero points),
     dequantized on every call."""
@@ -99,8 +158,12 @@ def packed_linear(q: Quantized, inputs: QuantSpec | None, dtype: torch.dtype,
                   fast: bool = True) -> nn.Module | None:
     """The packed Linear for a stored weight and input spec, or None where the format has none
     yet (the caller keeps the dequantized reference Linear). `fast=False` forces the portable
-    dequantize-per-call kernel."""
+    dequantize-per-call kernel. Input quantization other than FBGEMM's own is the caller's."""
     w = q.grid.spec
+    if w.format == "fp8" and w.granularity in ("tensor", "channel"):
+        return Fp8Linear(q, dtype, fast)
+    if w.format in ("nvfp4", "mxfp4") and w.granularity == "group":
+        return Fp4Linear(q, dtype, fast)
     if w.format != "int" or w.granularity not in ("group", "channel"):
         return None
     if inputs is None and w.bits == 4 and w.granularity == "group":

@@ -157,9 +157,10 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, packed: bool = Fa
             else:
                 ckpt.materialize_param(module, pname, full, dtype)
         spec, scale, target = None, None, swaps.get(name, module)
-        if name in swaps:  # a packed Linear quantizes its own inputs
+        if name in swaps:
             target.bias = module.bias
-        elif group is not None and group.get("input_activations"):
+        if group is not None and group.get("input_activations") and not getattr(
+                target, "quantizes_inputs", False):  # FBGEMM's W8A8 quantizes its own
             spec = spec_from_args(group["input_activations"])
             stored = "input_global_scale" if spec.format == "nvfp4" else "input_scale"
             scale = None if spec.dynamic else ckpt.tensor(f"{name}.{stored}")
