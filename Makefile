@@ -2,7 +2,7 @@
 # `make test`: same install, then the test suite (what CI runs).
 # `make test-random`: the property tests on fresh random examples; SEED=N replays a printed seed.
 # `make test-vllm`: a second venv holding vLLM's CPU build with lowbit installed beside it, then
-# the tests that run SmolLM2 checkpoints in real vLLM (`lowbit verify`; not yet in CI, see README).
+# the tests that run SmolLM2 checkpoints in real vLLM (`lowbit verify`; .ci/run calls it on AVX-512 CPUs, see README).
 PY ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
