@@ -84,6 +84,26 @@ def _lowbit_run(model, tokenizer, ids: list[int], new: int) -> tuple[float, floa
     return len(ids) / r.prefill_seconds, r.decode_steps / r.decode_seconds
 
 
+def overhead_ms(cfg: dict, tokenizer, ids: list[int], new: int, dtype: torch.dtype, repeats: int) -> float:
+    """lowbit's fixed per-token cost on this architecture: ms per decode step of a twin of the
+    model with the same depth, heads, vocabulary and code path but 8-wide heads and a 64-wide
+    MLP, whose weights (~3 % of SmolLM2's bytes, in L2/L3) cost next to nothing to read. What
+    remains is per-op dispatch, Python, attention over the cache, norms, RoPE and sampling."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    shape = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}
+    shape.update(hidden_size=8 * cfg["num_attention_heads"], head_dim=8, intermediate_size=64)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(cfg["model_type"], **shape),
+                                             dtype=dtype).eval()
+    best = float("inf")
+    for _ in range(repeats):
+        r = Generation()
+        for _ in stream(model, ids, max_tokens=new, ignore_eos=True, tokenizer=tokenizer, result=r):
+            pass
+        best = min(best, r.decode_seconds / r.decode_steps)
+    return best * 1000
+
+
 def bits(name: str) -> int | None:
     """4 or 8: the weight bits a row's name says (W4A16, W8A8_INT8, Q4_0...), else None."""
     for tag, b in (("W4", 4), ("Q4", 4), ("W8", 8), ("Q8", 8)):
@@ -111,6 +131,8 @@ def main() -> None:
     ap.add_argument("--gguf-dir", type=Path, default=Path(".cache/gguf"))
     ap.add_argument("--vllm-python", help="a Python with vLLM CPU: adds a vLLM row per quantized checkpoint")
     ap.add_argument("--vllm-dtype", default="bfloat16")
+    ap.add_argument("--overhead", action="store_true",
+                    help="also measure the fixed per-token cost (see overhead_ms)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     ids = prompt_ids(a.original, a.prompt_tokens)
@@ -185,6 +207,10 @@ def main() -> None:
     llama = {bits(n): d for n, (_, d) in best.items() if n.startswith("llama.cpp")}
     vllm = {n.split()[2]: d for n, (_, d) in best.items() if n.startswith("vLLM")}
     limit_bw = bw[a.threads]
+    if a.overhead:
+        for dtype in (torch.bfloat16, torch.float32):
+            ms = overhead_ms(cfg, tokenizer, ids, a.new_tokens, dtype, a.repeats)
+            print(f"fixed per-token cost (same-depth twin, {str(dtype)[6:]}): {ms:.1f} ms/step", flush=True)
     print(f"\n| row | prefill tok/s | decode tok/s | decode vs transformers | prefill vs transformers "
           f"| vs llama.cpp same bits | vs vLLM same ckpt | MiB read/token | share of bandwidth limit |"
           f"\n|---|---|---|---|---|---|---|---|---|")
