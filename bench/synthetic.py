@@ -12,6 +12,10 @@ from safetensors.torch import save_file
 
 LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32,
                 num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+# Llama-3.2-1B's layer shapes (16 layers of 2048/8192, GQA 32/8 heads); its vocabulary and tied
+# embeddings are not copied: write_llama takes the vocabulary of the tokenizer it is given
+LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_attention_heads=32,
+                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192)
 
 
 def layer_tensors(i: int, cfg: dict, gen: torch.Generator) -> dict[str, torch.Tensor]:
@@ -70,3 +74,16 @@ def write_llama(out: Path, layers: int, tokenizer_dir: Path, shape: dict = LLAMA
         if f.name.startswith(("tokenizer", "special_tokens")) or f.suffix == ".jinja":
             shutil.copyfile(f, out / f.name)
     return total
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="write a synthetic Llama checkpoint (random weights)")
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--tokenizer", type=Path, required=True, help="a checkpoint to take the tokenizer from")
+    ap.add_argument("--shape", choices=["1b", "7b"], default="1b")
+    ap.add_argument("--layers", type=int, default=16)
+    a = ap.parse_args()
+    size = write_llama(a.out, a.layers, a.tokenizer, LLAMA_1B if a.shape == "1b" else LLAMA_7B)
+    print(f"wrote {a.out}: {size / 2**30:.2f} GiB")
