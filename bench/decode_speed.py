@@ -131,6 +131,8 @@ def main() -> None:
     ap.add_argument("--gguf-dir", type=Path, default=Path(".cache/gguf"))
     ap.add_argument("--vllm-python", help="a Python with vLLM CPU: adds a vLLM row per quantized checkpoint")
     ap.add_argument("--vllm-dtype", default="bfloat16")
+    ap.add_argument("--vllm-rows", metavar="NAME,NAME", help="only these --quantized names get a vLLM "
+                    "row (default: all; a vLLM load takes a minute or more)")
     ap.add_argument("--overhead", action="store_true",
                     help="also measure the fixed per-token cost (see overhead_ms)")
     a = ap.parse_args()
@@ -177,6 +179,8 @@ def main() -> None:
     if a.vllm_python:
         for spec in a.quantized:
             name, _, path = spec.partition("=")
+            if a.vllm_rows and name not in a.vllm_rows.split(","):
+                continue
             external.append((f"vLLM CPU {name} ({a.vllm_dtype})", a.vllm_python, "vllm", path,
                              None))  # bytes: the lowbit packed row's weights, set below
     # rows take turns, repeat after repeat, so a change in the machine's load hits them alike
