@@ -192,17 +192,24 @@ def run_llama(gguf: str, ids: list[int], new: int, threads: int, repeats: int) -
 
     llm = Llama(model_path=gguf, n_ctx=len(ids) + new + 8, n_batch=len(ids), n_ubatch=len(ids),
                 n_threads=threads, n_threads_batch=threads, verbose=False)
+    vocab = llm.n_vocab()
+
+    def last_logits():
+        # llama-cpp-python 0.3.x fills `llm.scores` only with logits_all=True; without it the
+        # context still holds the last position's logits, which is all greedy decoding needs.
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(vocab,))
+
     best_p, best_d = 0.0, 0.0
     for _ in range(repeats):
         llm.reset()
         start = time.perf_counter()
         llm.eval(ids)
         prefill = time.perf_counter() - start
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = int(np.argmax(last_logits()))
         start = time.perf_counter()
         for _ in range(new - 1):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = int(np.argmax(last_logits()))
         decode = time.perf_counter() - start
         best_p, best_d = max(best_p, len(ids) / prefill), max(best_d, (new - 1) / decode)
     return {"prefill": best_p, "decode": best_d}
