@@ -120,6 +120,20 @@ def crossover(m: int, k: int, n: int) -> dict[str, callable]:
     }
 
 
+def dense_single_row(m: int, k: int, n: int) -> dict[str, callable]:
+    """A float Linear at one row: the GEMM F.linear calls, and torch.mv (kernels_cpu.dense_mm,
+    what a packed model's unquantized Linears and lm_head run)."""
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    xb, wb = x.bfloat16(), w.bfloat16()
+    return {
+        "fp32 F.linear": lambda: torch.nn.functional.linear(x, w),
+        "fp32 mv (lowbit)": lambda: K.dense_mm(x, w),
+        "bf16 F.linear": lambda: torch.nn.functional.linear(xb, wb),
+        "bf16 mv (lowbit)": lambda: K.dense_mm(xb, wb),
+    }
+
+
 def print_table(title: str, shapes, make) -> None:
     print(f"{title}\n\n| kernel | " + " | ".join(f"{m}x{k}->{n}" for m, k, n in shapes) + " |")
     print("|---" * (len(shapes) + 1) + "|")
@@ -145,6 +159,8 @@ def main() -> None:
     print_table("Kernels per format", shapes, candidates)
     print_table("Packed kernel or dense GEMM per call, by rows (DENSE_ROWS)",
                 [(m, 576, 1536) for m in (1, 4, 8, 16, 32, 48, 64, 128, 256)], crossover)
+    print_table("Float Linears at one row (DenseLinear; 576->49152 is SmolLM2's lm_head)",
+                [(1, 576, 1536), (1, 1536, 576), (1, 576, 49152)], dense_single_row)
 
 
 if __name__ == "__main__":

@@ -240,3 +240,47 @@ def test_avx2_int4_layout_is_read_too():
     from lowbit.runtime.kernels_cpu import DENSE_ROWS
 
     assert out.split() == ["AVX2", str(DENSE_ROWS["int4"]), "True"], out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(1, 1, 72), (1, 72), (3, 72), (2, 5, 72)])
+def test_dense_linear_matches_a_float64_product(dtype, shape):
+    """Float Linears of a packed model: one row through torch.mv, more through F.linear; both
+    within the rounding of the output to `dtype` plus float32 accumulation of K products."""
+    from lowbit.runtime.linear import dense_linear
+
+    g = torch.Generator().manual_seed(1)
+    base = torch.nn.Linear(72, 40).to(dtype)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(40, 72, generator=g))
+        base.bias.copy_(torch.randn(40, generator=g))
+    dense = dense_linear(base)
+    assert dense.weight is base.weight and dense.bias is base.bias  # shared, not copied
+    x = torch.randn(*shape, generator=g).to(dtype)
+    y = dense(x)
+    want = x.double() @ base.weight.double().T + base.bias.double()
+    eps = torch.finfo(dtype).eps
+    bound = eps * want.abs() + 72 * 2.0**-23 * (x.double().abs() @ base.weight.double().abs().T) \
+        + eps * base.bias.double().abs()
+    assert y.shape == want.shape and y.dtype == dtype
+    assert ((y.double() - want).abs() <= bound + 1e-6).all(), (y.double() - want).abs().max()
+
+
+def test_packed_model_keeps_the_tied_lm_head_shared(tiny_dir, tmp_path):
+    """The lm_head of a packed model with tied embeddings (Gemma ties them, as SmolLM2 does)
+    is a DenseLinear on the embedding's own tensor, and a decode-shaped call (one row) gives
+    the logits the full-sequence call gives at that row."""
+    from lowbit.runtime.linear import DenseLinear
+
+    out = tmp_path / "w4"
+    lowbit.quantize(tiny_dir("gemma3_text"), out, "W4A16", algorithm="rtn", seq_len=64, group_size=32)
+    model = lowbit.load(out, torch.bfloat16)
+    assert model.config.tie_word_embeddings
+    head = model.get_output_embeddings()
+    assert isinstance(head, DenseLinear) and head.weight is model.get_input_embeddings().weight
+    ids = torch.randint(8, 250, (1, 12), generator=torch.Generator().manual_seed(2))
+    full = model(input_ids=ids).logits[:, -1].float()
+    last = model(input_ids=ids, logits_to_keep=1).logits[:, -1].float()  # one row: torch.mv
+    assert torch.allclose(last, full, rtol=2**-7, atol=2**-7 * full.abs().max())
+    reference = load_model(out, torch.bfloat16)(input_ids=ids).logits[:, -1].float()
+    assert (last - reference).norm() < 0.05 * reference.norm()  # the embedding, not meta/zeros

@@ -141,6 +141,22 @@ class Fp4Linear(_Packed):
                 x, Quantized(unpack_fp4(packed), scale, grid).dequantize().to(x.dtype), bias)
 
 
+class DenseLinear(nn.Linear):
+    """A float Linear (an unquantized layer, the lm_head) that multiplies a single row with a
+    matrix-vector kernel (kernels_cpu.dense_mm). Still an nn.Linear, with the same parameters,
+    so tying, hooks and state-dict names are unchanged."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return K.dense_mm(x, self.weight, self.bias)
+
+
+def dense_linear(linear: nn.Linear) -> DenseLinear:
+    """A DenseLinear holding `linear`'s own weight and bias (no copy)."""
+    new = DenseLinear(linear.in_features, linear.out_features, bias=False, device="meta")
+    new.weight, new.bias = linear.weight, linear.bias
+    return new
+
+
 def _dequant_buffers(m: _Packed, q: Quantized, group: int) -> None:
     """The fallback: int8 codes [N, K/group, group] with their scales (and zero points),
     dequantized on every call."""

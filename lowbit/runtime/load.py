@@ -19,7 +19,7 @@ from ..algorithms.rotation import once_per_input, online_input
 from ..formats.grid import Quantized, activation_qdq, grid_for
 from ..formats.pack import unpack_fp4, unpack_int32
 from ..schemes import QuantSpec
-from .linear import packed_linear
+from .linear import dense_linear, packed_linear
 
 
 def spec_from_args(args: dict) -> QuantSpec:
@@ -156,6 +156,8 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, packed: bool = Fa
                 module.weight = nn.Parameter(q.exact().dequantize().to(dtype), requires_grad=False)
             else:
                 ckpt.materialize_param(module, pname, full, dtype)
+        if packed and type(module) is nn.Linear and name not in swaps:
+            swaps[name] = dense_linear(module)  # its weight now (a tied one is set below)
         spec, scale, target = None, None, swaps.get(name, module)
         if name in swaps:
             target.bias = module.bias
@@ -173,11 +175,11 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, packed: bool = Fa
         if key not in shared:
             shared[key] = once_per_input(online_input(rot, activation_qdq(spec, scale) if spec else None))
         target.register_forward_pre_hook(lambda m, a, f=shared[key]: (f(a[0]),))
-    if tied:
-        model.get_output_embeddings().weight = model.get_input_embeddings().weight
     if qcfg and qcfg.get("kv_cache_scheme"):
         kv_spec = spec_from_args(qcfg["kv_cache_scheme"])
         simulate_kv_cache(model, ckpt, lambda scale: activation_qdq(kv_spec, scale))
     for name, linear in swaps.items():  # after the KV hooks, which look for nn.Linear k_proj
         model.set_submodule(name, linear)
+    if tied:  # after the swaps: the lm_head may now be a DenseLinear
+        model.get_output_embeddings().weight = model.get_input_embeddings().weight
     return model.eval()
