@@ -121,7 +121,7 @@ def _cmd_quantize(a: argparse.Namespace) -> None:
                          algorithm=a.algorithm, kv_cache=a.kv_cache, kv_scale=a.kv_scale,
                          smoothquant=a.smoothquant, sparsity=a.sparsity,
                          sparsity_structure=a.sparsity_structure, device=a.device,
-                         compute=a.compute_dtype, overwrite=a.overwrite)
+                         compute=a.compute_dtype, overwrite=a.overwrite, overrides=dict(a.override))
         if not distributed.is_main():
             return
     print(json.dumps(s, indent=2)) if a.json else _print_quantize(s)
@@ -338,6 +338,14 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
 
 
+def _override(text: str) -> tuple[str, str]:
+    """PATTERN=SCHEME, as --override takes it."""
+    pattern, sep, scheme = text.rpartition("=")
+    if not sep or not pattern or not scheme:
+        raise argparse.ArgumentTypeError(f"{text!r} is not PATTERN=SCHEME (e.g. 'layers.0.*=W8A8_INT8')")
+    return pattern, scheme
+
+
 def _add_compute_dtype(parser: argparse.ArgumentParser, what: str) -> None:
     parser.add_argument("--compute-dtype", choices=CHOICES, default="auto",
                         help=f"the dtype {what}. auto (default): the checkpoint's dtype where the "
@@ -389,6 +397,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seq-len", type=_positive, default=512, help="max tokens per sample (default: 512)")
     q.add_argument("--ignore", nargs="+", default=[], metavar="PAT",
                    help="module-name patterns left unquantized (globs, or re:REGEX); lm_head always is")
+    q.add_argument("--override", nargs="+", type=_override, default=[], metavar="PAT=SCHEME",
+                   help="mixed precision: quantize the decoder layers PAT names with another preset "
+                   "(e.g. 'layers.0.*=W8A8_INT8' 'layers.29.*=FP8'); an override takes whole "
+                   "layers, the first matching pattern wins, and the checkpoint gets one config "
+                   "group per scheme (not with mr-gptq or --sparsity)")
     q.add_argument("--seed", type=int, default=0, help="calibration sample selection seed (default: 0)")
     q.add_argument("--group-size", type=_positive, metavar="G",
                    help="weights share a scale per G input columns (INT schemes; default: the "

@@ -303,6 +303,12 @@ def resolve_group_size(ckpt: Checkpoint, scheme: Scheme) -> tuple[Scheme, str | 
     vLLM-supported size below it that divides them all is used instead, and we say so.
     """
     if scheme.overrides:  # each override's group size is resolved as its own scheme's
+        linears = [n[: -len(".weight")] for n, (_, shape, _, _) in ckpt.tensor_info().items()
+                   if re.search(r"\.layers\.\d+\..*\.weight$", n) and len(shape) == 2]
+        for p, s in scheme.overrides:  # a typo'd pattern would quietly quantize nothing differently
+            if not any(name_matches(n, (p,)) for n in linears):
+                raise LowbitError(f"override {p}={s.name} matches no Linear of a decoder layer "
+                                  f"(e.g. {linears[0] if linears else '?'}); patterns look like 'layers.3.*'")
         done = [(p, *resolve_group_size(ckpt, s)) for p, s in scheme.overrides]
         base, notice = resolve_group_size(ckpt, dataclasses.replace(scheme, overrides=()))
         notices = [n for n in [notice, *(n for _, _, n in done)] if n]

@@ -182,6 +182,14 @@ def _mr_gptq_without_groups(src, out, data, tmp):
     return argv, "power-of-two group size"
 
 
+def _override_unknown_scheme(src, out, data, tmp):
+    return quantize_args(src, out, data["jsonl"], "--override", "layers.0.*=INT3"), "unknown scheme 'INT3'"
+
+
+def _override_matching_nothing(src, out, data, tmp):  # "layer" for "layers": a typo
+    return quantize_args(src, out, data["jsonl"], "--override", "layer.0.*=W8A8_INT8"), "matches no Linear"
+
+
 def _copy_model(src, tmp) -> Path:
     return shutil.copytree(src, tmp / "model")
 
@@ -252,7 +260,8 @@ def _scheme_the_architecture_cannot_take(src, out, data, tmp):
     _missing_model, _unknown_scheme, _existing_out, _seq_len_too_long, _nothing_usable,
     _unknown_extension, _truncated_safetensors, _corrupted_safetensors_header, _no_architectures,
     _poisoned(float("nan")), _poisoned(float("inf")), _empty_dataset, _too_short_dataset,
-    _scheme_the_architecture_cannot_take, _unknown_device, _gpu_missing, _mr_gptq_without_groups],
+    _scheme_the_architecture_cannot_take, _unknown_device, _gpu_missing, _mr_gptq_without_groups,
+    _override_unknown_scheme, _override_matching_nothing],
     ids=lambda c: c.__name__[1:])
 def test_user_errors_are_one_line_with_exit_code_2_and_leave_nothing(case, tiny_dir, datasets, tmp_path):
     out = tmp_path / "work" / "out"
@@ -472,3 +481,24 @@ def test_a_read_only_file_system_is_a_one_line_error(tiny_dir, datasets, tmp_pat
                                    "write OUT to a writable file system"]
     assert_nothing_looks_valid(out)
     assert hidden_siblings(out) == []
+
+
+def test_override_writes_one_config_group_per_scheme(tiny_dir, datasets, tmp_path):
+    """--override PAT=SCHEME: layer 0 in W8A8_INT8, the rest in the base scheme (FP8)."""
+    out = tmp_path / "mixed"
+    code, _, stderr = run_cli(*quantize_args(tiny_dir("llama"), out, datasets["jsonl"],
+                                             "--override", "layers.0.*=W8A8_INT8", "--json"))
+    assert code == 0, stderr
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    kinds = sorted((g["weights"]["type"], g["weights"]["strategy"]) for g in groups.values())
+    assert kinds == [("float", "tensor"), ("int", "channel")]
+    report = json.loads((out / api.REPORT_FILE).read_text())
+    assert report["overrides"] == {"layers.0.*": {"scheme": "W8A8_INT8", "algorithm": "rtn"}}
+
+
+@pytest.mark.parametrize("bad", ["layers.0.*", "=W8A8_INT8", "layers.0.*="])
+def test_override_without_pattern_and_scheme_is_a_usage_error(bad, tiny_dir, datasets, tmp_path):
+    out = tmp_path / "out"
+    code, stdout, stderr = run_cli(*quantize_args(tiny_dir("llama"), out, datasets["jsonl"], "--override", bad))
+    assert code == 2 and stdout == "" and "PATTERN=SCHEME" in stderr and "Traceback" not in stderr
+    assert not out.exists()
