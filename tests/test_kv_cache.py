@@ -87,3 +87,78 @@ def test_eval_simulates_the_quantized_cache(tiny_dir, tmp_path, dataset):
 def test_kv_scale_without_a_kv_cache_is_refused(tiny_dir, tmp_path, dataset):
     with pytest.raises(LowbitError, match="--kv-cache fp8"):
         quantize(tiny_dir("llama"), tmp_path / "x", dataset, kv_scale="unit")
+
+
+# ------------------------------------------------------------- the runtime keeps the cache in FP8
+
+@pytest.fixture(scope="module")
+def fp8_kv_model(tiny_dir, tmp_path_factory, dataset):
+    """Tiny llama, packed INT4 weights and an FP8 KV cache, loaded as lowbit's runtime runs it."""
+    out = tmp_path_factory.mktemp("kv-runtime") / "w4-kv"
+    lowbit.quantize(tiny_dir("llama"), out, "W4A16", dataset=str(dataset), samples=6, seq_len=48,
+                    group_size=32, kv_cache="fp8", algorithm="rtn")
+    return load_model(out, torch.float32, packed=True)
+
+
+def _steps(model, cache, ids: list[int], new: list[int]) -> list[torch.Tensor]:
+    """Logits of a prefill of `ids`, then of one decode step per token of `new`."""
+    from lowbit.runtime.generate import _cache_kwarg
+
+    kw = {_cache_kwarg(model): cache, "use_cache": True}
+    out = [model(input_ids=torch.tensor([ids]), position_ids=torch.arange(len(ids))[None], **kw).logits[:, -1]]
+    for n, t in enumerate(new):
+        out.append(model(input_ids=torch.tensor([[t]]), position_ids=torch.tensor([[len(ids) + n]]), **kw).logits[:, -1])
+    return out
+
+
+@torch.no_grad()
+def test_the_static_cache_stores_fp8_codes_and_attends_to_what_the_simulation_computes(fp8_kv_model):
+    """FP8 storage is lossless against the simulation (which rounds K and V to the same grid
+    before attention): every prefill and decode logit equals the full-precision cache's, and
+    the cache holds one byte a value, as kv_bytes reports."""
+    from transformers import StaticCache
+
+    from lowbit.runtime.kv_cache import FP8, kv_bytes, kv_scales, static_cache
+
+    model = fp8_kv_model
+    assert kv_scales(model) is not None
+    ids, new = list(range(10, 40)), [41, 42, 43, 44]
+    fp8, plain = static_cache(model, 48), StaticCache(config=model.config, max_cache_len=48)
+    ours, theirs = _steps(model, fp8, ids, new), _steps(model, plain, ids, new)
+    assert all(layer.keys.dtype == FP8 and layer.values.dtype == FP8 for layer in fp8.layers)
+    assert sum(layer.keys.nbytes + layer.values.nbytes for layer in fp8.layers) == kv_bytes(model, 48, 4)
+    assert kv_bytes(model, 48, 4) * 4 == sum(layer.keys.nbytes + layer.values.nbytes for layer in plain.layers)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    # the stored codes decode to the simulation's keys: scaling them wrongly moves the logits
+    from lowbit.runtime.generate import _cache_kwarg
+
+    k_scale, kw = fp8.layers[0].k_scale, {_cache_kwarg(model): fp8, "use_cache": True}
+    fp8.layers[0].k_scale = k_scale * 2
+    wrong = model(input_ids=torch.tensor([[45]]), position_ids=torch.tensor([[34]]), **kw).logits[:, -1]
+    fp8.layers[0].k_scale = k_scale
+    fp8.crop(-1)
+    right = model(input_ids=torch.tensor([[45]]), position_ids=torch.tensor([[34]]), **kw).logits[:, -1]
+    assert not torch.allclose(wrong, right, atol=1e-4)
+
+
+@torch.no_grad()
+def test_the_batch_decoder_stores_fp8_codes_and_decodes_as_with_a_full_precision_cache(fp8_kv_model):
+    from lowbit.runtime.batch import BatchDecoder
+    from lowbit.runtime.kv_cache import FP8
+
+    model = fp8_kv_model
+    ids = list(range(10, 40))
+    fp8 = BatchDecoder(model, 2, 48)
+    assert fp8.cache.keys[0].dtype == FP8 and fp8.cache.bytes == sum(
+        t.nbytes for t in fp8.cache.keys + fp8.cache.values)
+    plain = BatchDecoder(model, 2, 48)
+    plain.cache.scales = None  # the same model, keys and values kept in float32
+    plain.cache.keys = [k.float() for k in plain.cache.keys]
+    plain.cache.values = [v.float() for v in plain.cache.values]
+    for d in (fp8, plain):
+        d.prefill(0, ids)
+        d.prefill(1, ids[:12])
+    a = fp8.decode([0, 1], [41, 42], [30, 12])
+    b = plain.decode([0, 1], [41, 42], [30, 12])
+    assert torch.equal(a, b)

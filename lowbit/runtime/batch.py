@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import LowbitError
+from .kv_cache import FP8, fp8_decode, fp8_encode, kv_scales
 
 PREFILL_CHUNK = 256  # prompt tokens per forward during prefill
 # decoder layers of the Llama shape, and Gemma 2/3's (norms around attention and MLP, soft-capping)
@@ -40,13 +41,17 @@ def _text_config(model: nn.Module):
 
 
 class SlotCache:
-    """Per-layer key and value tensors [slots, kv_heads, max_len, head_dim], written in place."""
+    """Per-layer key and value tensors [slots, kv_heads, max_len, head_dim], written in place:
+    in `dtype`, or FP8 codes under each layer's (k_scale, v_scale) where the model stores its
+    KV cache so (kv_cache.kv_scales)."""
 
     def __init__(self, model: nn.Module, slots: int, max_len: int, dtype: torch.dtype):
         c = _text_config(model)
         head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         kv_heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
         shape = (slots, kv_heads, max_len, head_dim)
+        self.scales = kv_scales(model)
+        dtype = FP8 if self.scales is not None else dtype
         self.bytes = 2 * c.num_hidden_layers * slots * kv_heads * max_len * head_dim * dtype.itemsize
         try:
             self.keys = [torch.zeros(shape, dtype=dtype) for _ in range(c.num_hidden_layers)]
@@ -56,6 +61,21 @@ class SlotCache:
                               f"{self.bytes / 2**30:.1f} GiB, more than this machine could allocate: "
                               "lower --max-batch or --max-len") from None
         self.slots, self.max_len = slots, max_len
+
+    def write(self, i: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Layer i's new keys and values [B, kv_heads, T, d] at `positions` [B, T] of `slots`."""
+        if self.scales is not None:
+            k, v = fp8_encode(k, self.scales[i][0]), fp8_encode(v, self.scales[i][1])
+        # advanced indices around a slice put their [B, T] first: [B, T, kv_heads, d]
+        self.keys[i][slots[:, None], :, positions] = k.transpose(1, 2).to(self.keys[i].dtype)
+        self.values[i][slots[:, None], :, positions] = v.transpose(1, 2).to(self.values[i].dtype)
+
+    def read(self, i: int, slots: torch.Tensor, seen: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer i's first `seen` positions of `slots`, [B, kv_heads, seen, d] in `dtype`."""
+        K, V = self.keys[i][slots, :, :seen], self.values[i][slots, :, :seen]
+        if self.scales is not None:
+            return fp8_decode(K, self.scales[i][0], dtype), fp8_decode(V, self.scales[i][1], dtype)
+        return K.to(dtype), V.to(dtype)
 
 
 def unsupported(model: nn.Module) -> str | None:
@@ -168,16 +188,13 @@ class BatchDecoder:
         hook = attn.__dict__.get("_lowbit_kv_hook")
         if hook is not None:  # a simulated FP8 cache: what is stored is what attention reads
             k, v = hook(attn, k, v)
-        keys, values = self.cache.keys[i], self.cache.values[i]
-        # advanced indices around a slice put their [B, T] first: [B, T, kv_heads, d]
-        keys[slots[:, None], :, positions] = k.transpose(1, 2).to(keys.dtype)
-        values[slots[:, None], :, positions] = v.transpose(1, 2).to(values.dtype)
-        K, V = keys[slots, :, :seen], values[slots, :, :seen]  # [B, kv_heads, seen, d]
+        self.cache.write(i, slots, positions, k, v)
+        K, V = self.cache.read(i, slots, seen, q.dtype)  # [B, kv_heads, seen, d]
         mask = visible
         window = self._window(attn)
         if window:  # transformers: key j is seen from query i when j > i - window
             mask = mask & (torch.arange(seen)[None, None, :] > positions[:, :, None] - window)
-        K, V, mask = K.to(q.dtype), V.to(q.dtype), mask[:, None]
+        mask = mask[:, None]
         cap = getattr(attn, "attn_logit_softcapping", None) or getattr(self.config, "attn_logit_softcapping", None)
         if cap:  # Gemma 2 caps the scores with tanh before the softmax, which SDPA cannot do
             K, V = (t.repeat_interleave(q.shape[1] // t.shape[1], dim=1) for t in (K, V))

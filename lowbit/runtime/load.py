@@ -126,6 +126,15 @@ def simulate_kv_cache(model: nn.Module, ckpt: Checkpoint,
     install_kv_hooks(hooks)
 
 
+def store_kv_as_fp8(model: nn.Module, ckpt: Checkpoint) -> None:
+    """Have the runtime's caches (kv_cache.py) store keys and values as FP8 codes under each
+    attention's k_scale / v_scale: what the simulation above rounds them to, in a byte each."""
+    for name, module in attention_modules(model).items():
+        if f"{name}.k_scale" in ckpt.files:
+            module.lowbit_kv_scales = (ckpt.tensor(f"{name}.k_scale").float().reshape(()),
+                                       ckpt.tensor(f"{name}.v_scale").float().reshape(()))
+
+
 @torch.no_grad()
 def load_model(path: Path, dtype: torch.dtype = torch.float32, packed: bool = False,
                fast: bool = True) -> nn.Module:
@@ -178,6 +187,8 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, packed: bool = Fa
     if qcfg and qcfg.get("kv_cache_scheme"):
         kv_spec = spec_from_args(qcfg["kv_cache_scheme"])
         simulate_kv_cache(model, ckpt, lambda scale: activation_qdq(kv_spec, scale))
+        if packed and kv_spec.format == "fp8" and kv_spec.granularity == "tensor" and not kv_spec.dynamic:
+            store_kv_as_fp8(model, ckpt)
     for name, linear in swaps.items():  # after the KV hooks, which look for nn.Linear k_proj
         model.set_submodule(name, linear)
     if tied:  # after the swaps: the lm_head may now be a DenseLinear
