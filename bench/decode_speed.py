@@ -72,19 +72,21 @@ def _transformers_run(model, ids: list[int], new: int) -> tuple[float, float]:
     return len(ids) / prefill, (new - 1) / max(total - prefill, 1e-9)
 
 
-def lowbit_runner(model, tokenizer, ids: list[int], new: int):
-    return lambda: _lowbit_run(model, tokenizer, ids, new)
+def lowbit_runner(model, tokenizer, ids: list[int], new: int, compile: bool = False):
+    return lambda: _lowbit_run(model, tokenizer, ids, new, compile)
 
 
-def _lowbit_run(model, tokenizer, ids: list[int], new: int) -> tuple[float, float]:
-    r = Generation()
-    for _ in stream(model, ids, max_tokens=new, ignore_eos=True, tokenizer=tokenizer, result=r):
+def _lowbit_run(model, tokenizer, ids: list[int], new: int, compile: bool = False) -> tuple[float, float]:
+    r = Generation()  # a compile=True row compiles on its first run, outside the timed spans
+    for _ in stream(model, ids, max_tokens=new, ignore_eos=True, tokenizer=tokenizer, result=r,
+                    compile=compile):
         pass
     assert len(r.token_ids) == new
     return len(ids) / r.prefill_seconds, r.decode_steps / r.decode_seconds
 
 
-def overhead_ms(cfg: dict, tokenizer, ids: list[int], new: int, dtype: torch.dtype, repeats: int) -> float:
+def overhead_ms(cfg: dict, tokenizer, ids: list[int], new: int, dtype: torch.dtype, repeats: int,
+                compile: bool = False) -> float:
     """lowbit's fixed per-token cost on this architecture: ms per decode step of a twin of the
     model with the same depth, heads, vocabulary and code path but 8-wide heads and a 64-wide
     MLP, whose weights (~3 % of SmolLM2's bytes, in L2/L3) cost next to nothing to read. What
@@ -98,7 +100,8 @@ def overhead_ms(cfg: dict, tokenizer, ids: list[int], new: int, dtype: torch.dty
     best = float("inf")
     for _ in range(repeats):
         r = Generation()
-        for _ in stream(model, ids, max_tokens=new, ignore_eos=True, tokenizer=tokenizer, result=r):
+        for _ in stream(model, ids, max_tokens=new, ignore_eos=True, tokenizer=tokenizer, result=r,
+                        compile=compile):
             pass
         best = min(best, r.decode_seconds / r.decode_steps)
     return best * 1000
@@ -135,6 +138,9 @@ def main() -> None:
                     "row (default: all; a vLLM load takes a minute or more)")
     ap.add_argument("--overhead", action="store_true",
                     help="also measure the fixed per-token cost (see overhead_ms)")
+    ap.add_argument("--compile", action="store_true", help="also a row with the decode step compiled "
+                    "(torch.compile, lowbit/runtime/compiled.py) for lowbit's original and every packed "
+                    "checkpoint, and the fixed cost compiled with --overhead")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     ids = prompt_ids(a.original, a.prompt_tokens)
@@ -152,17 +158,19 @@ def main() -> None:
                          _hf_bytes(a.original, dtype) + kv[dtype.itemsize]))
     model = lowbit.load(a.original, a.dtype)
     elem = next(model.parameters()).dtype.itemsize
-    runners_.append((f"lowbit (original, {str(next(model.parameters()).dtype)[6:]})",
-                     lowbit_runner(model, tokenizer, ids, a.new_tokens),
-                     runners.model_read_bytes(model) + kv[elem]))
+    label = f"lowbit (original, {str(next(model.parameters()).dtype)[6:]})"
+    for c in (False, True) if a.compile else (False,):
+        runners_.append((label + " compiled" * c, lowbit_runner(model, tokenizer, ids, a.new_tokens, c),
+                         runners.model_read_bytes(model) + kv[elem]))
     for spec in a.quantized:
         name, _, path = spec.partition("=")
         for packed in ((True,) if a.no_reference else (False, True)):
             model = lowbit.load(path, a.dtype, packed=packed)
             kernels = sorted({getattr(m, "kernel", "") for m in model.modules()} - {""})
             label = f"{name} {'packed ' + '+'.join(kernels) if packed else 'reference'}"
-            runners_.append((label, lowbit_runner(model, tokenizer, ids, a.new_tokens),
-                             runners.model_read_bytes(model) + kv[elem]))
+            for c in (False, True) if a.compile and packed else (False,):
+                runners_.append((label + " compiled" * c, lowbit_runner(model, tokenizer, ids, a.new_tokens, c),
+                                 runners.model_read_bytes(model) + kv[elem]))
     external = []  # (name, python, kind, target, bytes per token)
     if a.llama_python:
         a.gguf_dir.mkdir(parents=True, exist_ok=True)
@@ -213,8 +221,10 @@ def main() -> None:
     limit_bw = bw[a.threads]
     if a.overhead:
         for dtype in (torch.bfloat16, torch.float32):
-            ms = overhead_ms(cfg, tokenizer, ids, a.new_tokens, dtype, a.repeats)
-            print(f"fixed per-token cost (same-depth twin, {str(dtype)[6:]}): {ms:.1f} ms/step", flush=True)
+            for c in (False, True) if a.compile else (False,):
+                ms = overhead_ms(cfg, tokenizer, ids, a.new_tokens, dtype, a.repeats, c)
+                print(f"fixed per-token cost (same-depth twin, {str(dtype)[6:]}{', compiled' * c}): "
+                      f"{ms:.1f} ms/step", flush=True)
     print(f"\n| row | prefill tok/s | decode tok/s | decode vs transformers | prefill vs transformers "
           f"| vs llama.cpp same bits | vs vLLM same ckpt | MiB read/token | share of bandwidth limit |"
           f"\n|---|---|---|---|---|---|---|---|---|")

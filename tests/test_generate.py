@@ -13,6 +13,7 @@ from lowbit.checkpoint import load_tokenizer
 from lowbit.runtime import generate as gen
 from lowbit.runtime.load import load_model
 from test_cli import run_cli
+from test_kv_cache import dataset  # noqa: F401 (a fixture: calibration text)
 
 PROMPT = "the quick brown fox jumps over the lazy dog"
 
@@ -207,3 +208,36 @@ def test_a_stop_prefix_before_an_unfinished_character_is_held_back():
     pieces = [text.update(list(";".join(["ab", "é"]).encode()[:n])) for n in range(1, 6)]
     # after "ab;" comes the first byte of "é": ";" must stay held back until "é" is whole
     assert "".join(pieces) == "ab" and text.stopped and text.text == "ab"
+
+
+@pytest.mark.parametrize("scheme", ["W4A16", "W8A8_INT8"])
+def test_a_compiled_decode_step_generates_what_the_eager_one_does(tiny_dir, dataset, tmp_path, scheme):
+    """compile=True: the same greedy tokens as eager decoding (float32, where Inductor's fused
+    loops differ from eager only in rounding order), logits within 1e-5; the graph is made once
+    for all requests whose cache rounds to the same length."""
+    from lowbit.runtime.compiled import BUCKET, cache_len
+
+    out = tmp_path / scheme
+    lowbit.quantize(tiny_dir("llama"), out, scheme, dataset=str(dataset), samples=4, seq_len=32,
+                    group_size=32, algorithm="rtn")
+    model, tok = load_model(out, torch.float32, packed=True), load_tokenizer(out)
+    eager = lowbit.generate(model, PROMPT, max_tokens=12, tokenizer=tok, ignore_eos=True)
+    first = lowbit.generate(model, PROMPT, max_tokens=12, tokenizer=tok, ignore_eos=True, compile=True)
+    again = lowbit.generate(model, PROMPT * 2, max_tokens=20, tokenizer=tok, ignore_eos=True, compile=True)
+    assert first.token_ids == eager.token_ids
+    assert first.compile_seconds > 0 and again.compile_seconds == 0.0
+    assert cache_len(model, 43 + 12) == BUCKET == cache_len(model, 86 + 20)
+    # one step's logits, eager and compiled, from the same cache state
+    from lowbit.runtime.compiled import decode_step
+    from lowbit.runtime.generate import _cache_kwarg
+    from lowbit.runtime.kv_cache import static_cache
+
+    step, _ = decode_step(model, BUCKET)
+    logits = []
+    for f in (model, step):
+        cache = static_cache(model, BUCKET)
+        kw = {_cache_kwarg(model): cache, "use_cache": True}
+        with torch.inference_mode():
+            model(input_ids=torch.tensor([list(range(5, 25))]), position_ids=torch.arange(20)[None], **kw)
+            logits.append(f(input_ids=torch.tensor([[30]]), position_ids=torch.tensor([[20]]), **kw).logits)
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)

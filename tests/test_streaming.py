@@ -18,7 +18,7 @@ from lowbit.schemes import PRESETS
 from lowbit.stats import Hessian
 from tiny import tensors
 
-SCHEMES = ["FP8", "W8A16_FP8", "W4A16", "W4A16_ASYM", "W8A16", "W8A8_INT8"]
+SCHEMES = ["FP8", "W8A16_FP8", "W4A16", "W4A16_ASYM", "W8A16", "W8A8_INT8", "NVFP4A16", "MXFP4A16"]
 
 
 def weight_spec(name: str):

@@ -33,24 +33,17 @@ _EPS_E4M3 = 0.125  # compressed-tensors replaces a zero runtime FP8 scale by thi
 def round_e2m1(scaled: torch.Tensor) -> torch.Tensor:
     """Nearest E2M1 value, ties to the even code, saturating at ±6; dtype float8_e4m3fn.
 
-    The midpoints between neighbours decide; a value exactly on one goes to the even code,
-    which is the lower neighbour at 0.25, 1.25, 2.5, 5 and the upper one at 0.75, 1.75, 3.5.
+    E2M1's magnitudes are evenly spaced within three ranges: steps of 0.5 below 2, of 1 in
+    [2, 4) and of 2 from 4, so x rounds to round(x / step) * step with the range's step. Steps
+    are powers of two (the division is exact) and torch.round breaks ties to even, and at every
+    tie the even multiple of the step is the even code: 0.25 -> 0, 0.75 -> 1, 1.25 -> 1,
+    1.75 -> 2, 2.5 -> 2, 3.5 -> 4, 5 -> 4. Elementwise only, with no lookup tables: this runs
+    for every candidate scale of every weight group (FP4Grid.fit).
     """
     mag = scaled.abs()
-    index = torch.bucketize(mag, _midpoints(mag.dtype, mag.device))  # right=False: ties go down...
-    index += (mag == _UP_TIES.to(mag.device, mag.dtype)[index.clamp(max=6)]).to(index.dtype)  # ...or up
-    values = torch.tensor(E2M1_VALUES, dtype=mag.dtype, device=mag.device)[index]
+    step = torch.where(mag < 2, 0.5, torch.where(mag < 4, 1.0, 2.0)).to(mag.dtype)
+    values = torch.round(mag / step).mul_(step).clamp_(max=E2M1_MAX)
     return torch.copysign(values, scaled).to(torch.float8_e4m3fn)
-
-
-_MIDPOINTS = (0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0)
-# the midpoint above index i when a tie there rounds up to the even code (0.75, 1.75, 3.5);
-# -1 (never equal to a magnitude) where ties round down
-_UP_TIES = torch.tensor([-1.0, 0.75, -1.0, 1.75, -1.0, 3.5, -1.0], dtype=torch.float64)
-
-
-def _midpoints(dtype: torch.dtype, device) -> torch.Tensor:
-    return torch.tensor(_MIDPOINTS, dtype=dtype, device=device)
 
 
 def e8m0_value(exponent: torch.Tensor) -> torch.Tensor:
@@ -133,9 +126,16 @@ class FP4Grid:
         """block: [rows, cols], one group per row -> one stored scale per row, [rows, 1]."""
         if not torch.isfinite(block).all():
             raise ValueError("cannot quantize a tensor containing NaN or Inf")
-        amax = block.abs().amax(dim=-1, keepdim=True).float()
-        from .grid import best_per_row  # grid.py imports this module: import late
+        from .grid import _by_rows  # grid.py imports this module: import late
 
+        # row-wise, so in chunks (bit-identical): eight candidates' float64 round trips of a
+        # whole 8192 x 2048 weight would stream gigabytes of temporaries through memory
+        return _by_rows(self._fit_rows, block)
+
+    def _fit_rows(self, block: torch.Tensor) -> "QParams":
+        from .grid import best_per_row
+
+        amax = block.abs().amax(dim=-1, keepdim=True).float()
         return best_per_row(self, block, self._candidates(amax))
 
     def encode(self, x: torch.Tensor, p: "QParams", work: torch.dtype = torch.float64,
@@ -144,8 +144,13 @@ class FP4Grid:
         codes every element as 0, which is what any consumer decodes it to."""
         if check and not torch.isfinite(x).all():
             raise ValueError("cannot quantize a tensor containing NaN or Inf")
-        u = self.unit(p.scale).to(work)
-        return round_e2m1(torch.where(u > 0, x.to(work) / torch.where(u > 0, u, 1), 0))
+        from .grid import _by_rows
+
+        def rows(xs: torch.Tensor, ps: "QParams") -> torch.Tensor:
+            u = self.unit(ps.scale).to(work)
+            return round_e2m1(torch.where(u > 0, xs.to(work) / torch.where(u > 0, u, 1), 0))
+
+        return _by_rows(rows, x, p)
 
     def decode(self, codes: torch.Tensor, p: "QParams") -> torch.Tensor:
         return codes.to(torch.float32) * self.unit(p.scale)

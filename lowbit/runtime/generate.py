@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import LowbitError
+from .compiled import cache_len, decode_step
 from .kv_cache import static_cache
 
 PREFILL_CHUNK = 256  # prompt tokens per forward during prefill
@@ -38,6 +39,7 @@ class Generation:
     prefill_seconds: float = 0.0
     decode_seconds: float = 0.0  # the forwards after the first new token
     decode_steps: int = 0
+    compile_seconds: float = 0.0  # torch.compile of the decode step before this request (compile=True)
 
 
 @dataclass(frozen=True)
@@ -200,20 +202,26 @@ def _cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-def _run(model: nn.Module, tokenizer, ids: list[int], o: Options, out: Generation) -> Iterator[str]:
-    """Generate into `out`, yielding each piece of text as soon as it is final."""
+def _run(model: nn.Module, tokenizer, ids: list[int], o: Options, out: Generation,
+         compiled: bool = False) -> Iterator[str]:
+    """Generate into `out`, yielding each piece of text as soon as it is final; `compiled`:
+    decode steps through torch.compile (runtime/compiled.py)."""
     generator = None
     if o.seed is not None:
         generator = torch.Generator().manual_seed(o.seed)
     eos = set() if o.ignore_eos else eos_ids(model, tokenizer)
     n = len(ids)
-    cache = static_cache(model, n + o.max_tokens)
-    key = _cache_kwarg(model)
+    length, one_token = n + o.max_tokens, model
+    if compiled:
+        length = cache_len(model, length)
+        one_token, out.compile_seconds = decode_step(model, length)
+    cache, key = static_cache(model, length), _cache_kwarg(model)
 
     def forward(chunk: list[int], start: int) -> torch.Tensor:
         positions = torch.arange(start, start + len(chunk)).unsqueeze(0)
-        return model(input_ids=torch.tensor([chunk]), position_ids=positions, use_cache=True,
-                     logits_to_keep=1, **{key: cache}).logits[0, -1]
+        f = one_token if len(chunk) == 1 else model
+        return f(input_ids=torch.tensor([chunk]), position_ids=positions, use_cache=True,
+                 logits_to_keep=1, **{key: cache}).logits[0, -1]
 
     out.prompt_tokens = n
     clock = time.perf_counter()
@@ -242,29 +250,32 @@ def _run(model: nn.Module, tokenizer, ids: list[int], o: Options, out: Generatio
 def stream(model_or_path, prompt, *, max_tokens: int = 256, temperature: float = 0.0,
            top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
            stop: str | Sequence[str] = (), ignore_eos: bool = False, tokenizer=None,
-           dtype: torch.dtype | str = "auto", result: Generation | None = None) -> Iterator[str]:
+           dtype: torch.dtype | str = "auto", result: Generation | None = None,
+           compile: bool = False) -> Iterator[str]:
     """Yield the text of a completion piece by piece as it is generated. Arguments as for
     generate(); pass a Generation as `result` to have it filled in."""
     o = options(max_tokens, temperature, top_p, top_k, seed, stop, ignore_eos)
     model, tokenizer = model_and_tokenizer(model_or_path, tokenizer, dtype)
     ids = encode(tokenizer, prompt)
     with torch.inference_mode():
-        yield from _run(model, tokenizer, ids, o, result if result is not None else Generation())
+        yield from _run(model, tokenizer, ids, o, result if result is not None else Generation(), compile)
 
 
 def generate(model_or_path, prompt, *, max_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, top_k: int = 0, seed: int | None = None,
              stop: str | Sequence[str] = (), ignore_eos: bool = False, tokenizer=None,
-             dtype: torch.dtype | str = "auto") -> Generation:
+             dtype: torch.dtype | str = "auto", compile: bool = False) -> Generation:
     """Complete `prompt` (a string, token ids, or chat messages [{"role", "content"}] rendered
     with the model's chat template) with a loaded model or a checkpoint directory (loaded with
     lowbit.load in `dtype`). Greedy when `temperature` is 0; otherwise sampled with `top_k`
     (0: off) and `top_p`, reproducibly for a given `seed`. Ends after `max_tokens` new tokens,
     at an end-of-sequence token (unless `ignore_eos`) or before the first of the `stop` strings.
-    Returns a Generation with `.text` and `.token_ids` (the new tokens)."""
+    `compile`: decode steps through torch.compile (faster per token after a compile of tens
+    of seconds, once per model; runtime/compiled.py). Returns a Generation with `.text` and
+    `.token_ids` (the new tokens)."""
     out = Generation()
     for _ in stream(model_or_path, prompt, max_tokens=max_tokens, temperature=temperature,
                     top_p=top_p, top_k=top_k, seed=seed, stop=stop, ignore_eos=ignore_eos,
-                    tokenizer=tokenizer, dtype=dtype, result=out):
+                    tokenizer=tokenizer, dtype=dtype, result=out, compile=compile):
         pass
     return out

@@ -1,0 +1,53 @@
+"""The decode step compiled by torch.compile (Inductor), for batch-1 generation.
+
+At batch 1 a small model's decode step is mostly per-op cost, not arithmetic: SmolLM2-135M
+runs about 25 framework ops per decoder layer (norms, casts, RoPE, reshapes around the packed
+Linears), each a Python call and a dispatch. Inductor fuses the elementwise ones into generated
+C++ loops and calls the Linear kernels (int4pack, FBGEMM, torch.mv) as they are.
+
+What it costs and how it is kept from costing twice:
+- compiling takes tens of seconds (a minute or more for a 30-layer model on 2 cores), once per
+  model and cache length, so it is opt-in (`lowbit generate --compile`, `compile=True`); Inductor
+  also keeps its compiled code on disk, so a later process compiles faster;
+- shapes are static (one graph, no symbolic sizes), and the KV cache's length is part of the
+  graph: caches are rounded up to a multiple of BUCKET positions, so requests of different
+  lengths share a graph (the extra positions are masked, and cost memory only);
+- only the one-token step is compiled; prompts are prefilled eagerly, in chunks of any length.
+Numerics: in float32 the compiled step matches eager up to float rounding order; in bf16
+Inductor keeps fused intermediates in float32 where eager rounds every op to bf16, so logits
+differ by bf16 noise (tests/test_generate.py compares them in float32).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+BUCKET = 256  # cache positions are allocated in multiples of this when the step is compiled
+
+
+def cache_len(model: nn.Module, needed: int) -> int:
+    """`needed` rounded up to a multiple of BUCKET, but not past the model's position limit."""
+    limit = getattr(model.config, "max_position_embeddings", None) or needed
+    return max(needed, min(-(-needed // BUCKET) * BUCKET, limit))
+
+
+def decode_step(model: nn.Module, length: int):
+    """model's forward compiled for the one-token step over a cache of `length` positions, and
+    the seconds spent compiling it now (0.0 when an earlier request did). The graph is made by
+    one step on a throwaway cache, so the request's own timings hold no compile time."""
+    import time
+
+    from .generate import _cache_kwarg
+    from .kv_cache import static_cache
+
+    state = model.__dict__.setdefault("_lowbit_compiled", {"step": None, "lengths": set()})
+    if state["step"] is None:  # set in __dict__: an nn.Module attribute would register it
+        state["step"] = torch.compile(model, dynamic=False)
+    if length in state["lengths"]:
+        return state["step"], 0.0
+    clock = time.perf_counter()
+    state["step"](input_ids=torch.zeros(1, 1, dtype=torch.long), position_ids=torch.zeros(1, 1, dtype=torch.long),
+                  use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): static_cache(model, length)})
+    state["lengths"].add(length)
+    return state["step"], time.perf_counter() - clock
