@@ -220,12 +220,18 @@ def test_a_compiled_decode_step_generates_what_the_eager_one_does(tiny_dir, data
     out = tmp_path / scheme
     lowbit.quantize(tiny_dir("llama"), out, scheme, dataset=str(dataset), samples=4, seq_len=32,
                     group_size=32, algorithm="rtn")
+    from torch._dynamo.utils import counters
+
     model, tok = load_model(out, torch.float32, packed=True), load_tokenizer(out)
     eager = lowbit.generate(model, PROMPT, max_tokens=12, tokenizer=tok, ignore_eos=True)
+    graphs = counters["stats"]["unique_graphs"]
     first = lowbit.generate(model, PROMPT, max_tokens=12, tokenizer=tok, ignore_eos=True, compile=True)
+    made = counters["stats"]["unique_graphs"]
     again = lowbit.generate(model, PROMPT * 2, max_tokens=20, tokenizer=tok, ignore_eos=True, compile=True)
     assert first.token_ids == eager.token_ids
     assert first.compile_seconds > 0 and again.compile_seconds == 0.0
+    # every graph is made before the request's first timed step: none by the second request
+    assert made > graphs and counters["stats"]["unique_graphs"] == made
     assert cache_len(model, 43 + 12) == BUCKET == cache_len(model, 86 + 20)
     # one step's logits, eager and compiled, from the same cache state
     from lowbit.runtime.compiled import decode_step

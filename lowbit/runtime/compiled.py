@@ -47,7 +47,11 @@ def decode_step(model: nn.Module, length: int):
     if length in state["lengths"]:
         return state["step"], 0.0
     clock = time.perf_counter()
-    state["step"](input_ids=torch.zeros(1, 1, dtype=torch.long), position_ids=torch.zeros(1, 1, dtype=torch.long),
-                  use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): static_cache(model, length)})
+    # as in a request: the first position fills the cache eagerly (a fresh cache's layers
+    # initialise on their first write, and a graph made on one would not serve a filled cache)
+    kw = dict(use_cache=True, logits_to_keep=1, **{_cache_kwarg(model): static_cache(model, length)})
+    token = torch.zeros(1, 1, dtype=torch.long)
+    model(input_ids=token, position_ids=torch.tensor([[0]]), **kw)
+    state["step"](input_ids=token, position_ids=torch.tensor([[1]]), **kw)
     state["lengths"].add(length)
     return state["step"], time.perf_counter() - clock
