@@ -72,6 +72,11 @@ def once_per_input(f):
     last: list = [None, None]
 
     def once(x):
+        if torch.compiler.is_compiling():
+            # in a compiled step the held tensor would become a guard on the last call's shape
+            # (a recompile per prompt length); there the graph's own common-subexpression pass
+            # shares the work instead
+            return f(x)
         if last[0] is not x:
             last[0], last[1] = x, f(x)
         return last[1]

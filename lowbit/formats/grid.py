@@ -174,7 +174,8 @@ class ScaleGrid:
 
     def _fit_rows(self, block: torch.Tensor) -> QParams:
         amax = abs_max(block, -1, keepdim=True)
-        _check_finite(amax)  # NaN and Inf propagate into the maximum: one check per row, not per value
+        if not torch.compiler.is_compiling():  # a compiled decode step cannot raise on a value
+            _check_finite(amax)  # NaN and Inf propagate into the maximum: one check per row, not per value
         return best_per_row(self, block, [_scale_from_amax(amax * p, self.qmax, self.scale_dtype)
                                           for p in self.shrink])
 
@@ -253,9 +254,12 @@ def qdq(grid: ScaleGrid, x: torch.Tensor, p: QParams | None = None) -> torch.Ten
     flat = x.reshape(-1, g)
     p = grid.fit(flat) if p is None else p
     codes = grid.encode(flat, p, torch.float32, check=False)
-    if p.zero is None and p.scale.numel() == 1 and p.scale.to(x.dtype).float() == p.scale:
+    if (p.zero is None and p.scale.numel() == 1 and not torch.compiler.is_compiling()
+            and p.scale.to(x.dtype).float() == p.scale):
         # Codes (<= 8 significant bits) times a scale exact in x's dtype round once either
-        # way, so decoding straight into x's dtype is bit-identical and saves two passes.
+        # way, so decoding straight into x's dtype is bit-identical and saves two passes
+        # (not taken in a compiled step: a branch on a value would break its graph, and
+        # Inductor fuses the passes anyway).
         p = QParams(p.scale.to(x.dtype))
     return grid.decode(codes, p).to(x.dtype).reshape(x.shape)
 

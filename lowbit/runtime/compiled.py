@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 BUCKET = 256  # cache positions are allocated in multiples of this when the step is compiled
+_graphs = 0  # (model, cache length) graphs made in this process
 
 
 def cache_len(model: nn.Module, needed: int) -> int:
@@ -46,6 +47,14 @@ def decode_step(model: nn.Module, length: int):
         state["step"] = torch.compile(model, dynamic=False)
     if length in state["lengths"]:
         return state["step"], 0.0
+    # Dynamo keeps a graph per (code object, guards), and every model shares the top-level
+    # forward's code object: past its recompile limit (8) it stops compiling that frame and
+    # instead compiles each decoder layer's frame on its own, per layer, which ran slower than
+    # eager (measured in bench/decode_speed.py with nine models in one process). One slot per
+    # graph this process makes keeps every model whole.
+    global _graphs
+    _graphs += 1
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * _graphs + 8)
     clock = time.perf_counter()
     # as in a request: the first position fills the cache eagerly (a fresh cache's layers
     # initialise on their first write, and a graph made on one would not serve a filled cache)

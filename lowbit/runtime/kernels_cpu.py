@@ -21,6 +21,7 @@ scalar loops; there each Linear keeps int8 codes and dequantizes per call (`dequ
 
 from __future__ import annotations
 
+import itertools
 import warnings
 
 import torch
@@ -132,18 +133,43 @@ def int8_weight_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
     return y if bias is None else y + bias
 
 
-def int8_dynamic_pack(codes: torch.Tensor, scale: torch.Tensor):
-    """FBGEMM's packed form of int8 codes [N, K] with per-channel scales [N]."""
+# FBGEMM's packed weights by handle: a custom op (which torch.compile traces as one opaque call,
+# runtime/compiled.py) takes tensors and numbers, not the packed-params object itself
+_FBGEMM: dict[int, object] = {}
+_HANDLES = itertools.count(1)  # never reused: a graph made for a freed model names its old handle
+
+
+def int8_dynamic_pack(codes: torch.Tensor, scale: torch.Tensor) -> int:
+    """A handle to FBGEMM's packed form of int8 codes [N, K] with per-channel scales [N]; it
+    holds the packed weights until int8_dynamic_release(handle)."""
     with warnings.catch_warnings():  # quantized dtypes are deprecated, and the FBGEMM op with them
         warnings.simplefilter("ignore")
         w = torch._make_per_channel_quantized_tensor(
             codes, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
-        return torch.ops.quantized.linear_prepack(w, None)
+        packed = torch.ops.quantized.linear_prepack(w, None)
+    handle = next(_HANDLES)
+    _FBGEMM[handle] = packed
+    return handle
 
 
-def int8_dynamic_mm(x: torch.Tensor, packed, reduce_range: bool,
+def int8_dynamic_release(handle: int) -> None:
+    _FBGEMM.pop(handle, None)
+
+
+@torch.library.custom_op("lowbit::fbgemm_linear_dynamic", mutates_args=())
+def _fbgemm_linear(x: torch.Tensor, handle: int, n: int, reduce_range: bool) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic(x, _FBGEMM[handle], reduce_range)
+
+
+@_fbgemm_linear.register_fake
+def _(x, handle, n, reduce_range):
+    return x.new_empty(x.shape[0], n)
+
+
+def int8_dynamic_mm(x: torch.Tensor, handle: int, n: int, reduce_range: bool,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] with per-token INT8 inputs @ packed INT8 weights, integer dot products.
+    """x [..., K] with per-token INT8 inputs @ the packed INT8 weights [N = n, K] of `handle`,
+    integer dot products.
 
     FBGEMM picks one (asymmetric, uint8) input scale for the whole matrix; dividing each token
     by its own max |x| first makes that scale per token: every row spans at most [-1, 1], so a
@@ -153,7 +179,7 @@ def int8_dynamic_mm(x: torch.Tensor, packed, reduce_range: bool,
     """
     flat = x.reshape(-1, x.shape[-1]).float()
     amax = abs_max(flat, -1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-    y = torch.ops.quantized.linear_dynamic(flat / amax, packed, reduce_range) * amax
+    y = _fbgemm_linear(flat / amax, handle, n, reduce_range) * amax
     y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
     return y if bias is None else y + bias
 

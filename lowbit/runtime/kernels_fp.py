@@ -231,6 +231,10 @@ def _tables() -> dict[str, torch.Tensor]:
             "fp4": torch.cat([e2m1, -e2m1])}  # nibble: bit 3 the sign, bits 0-2 the magnitude
 
 
+# The row kernels are custom ops (torch.library), not bare ctypes calls, so that torch.compile
+# traces a decode step through them as opaque calls instead of breaking its graph at each one
+# (runtime/compiled.py); each has a fake (shape-only) version for tracing.
+@torch.library.custom_op("lowbit::fp8_gemv", mutates_args=())
 def fp8_gemv(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     """x [M, K] @ codes.T as float32 [M, N] (codes float8_e4m3fn [N, K])."""
     x = x.float().contiguous()
@@ -240,12 +244,18 @@ def fp8_gemv(x: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
     return y
 
 
+@fp8_gemv.register_fake
+def _(x, codes):
+    return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
+
+
 def fp8_to_bf16(codes: torch.Tensor) -> torch.Tensor:
     out = torch.empty(codes.shape, dtype=torch.bfloat16)
     library().fp8_to_bf16(*codes.shape, codes.data_ptr(), _tables()["fp8"].data_ptr(), out.data_ptr())
     return out
 
 
+@torch.library.custom_op("lowbit::fp4_gemv", mutates_args=())
 def fp4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
     """x [M, K] @ (E2M1 codes * group scales).T as float32 [M, N]; packed uint8 [N, K/2],
     scale float32 [N, K/group]."""
@@ -258,6 +268,11 @@ def fp4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group: 
     return y
 
 
+@fp4_gemv.register_fake
+def _(x, packed, scale, group):
+    return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
+
+
 def fp4_to_bf16(packed: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
     n, k = packed.shape[0], packed.shape[1] * 2
     out = torch.empty(n, k, dtype=torch.bfloat16)
@@ -266,10 +281,16 @@ def fp4_to_bf16(packed: torch.Tensor, scale: torch.Tensor, group: int) -> torch.
     return out
 
 
+@torch.library.custom_op("lowbit::fp8_to_f32", mutates_args=())
 def fp8_to_f32(codes: torch.Tensor) -> torch.Tensor:
     out = torch.empty(codes.shape)
     library().fp8_to_f32(codes.numel(), codes.data_ptr(), _tables()["fp8"].data_ptr(), out.data_ptr())
     return out
+
+
+@fp8_to_f32.register_fake
+def _(codes):
+    return codes.new_empty(codes.shape, dtype=torch.float32)
 
 
 # rows from which a dense GEMM on weights written out for the call beats the row kernels

@@ -4,6 +4,7 @@ forward() never branches. Each keeps plain tensors as buffers (no tensor subclas
 
 from __future__ import annotations
 
+import weakref
 from functools import partial
 
 import torch
@@ -85,11 +86,12 @@ class Int8DynamicLinear(_Packed):
         if fast and K.int8_dynamic_supported():
             self.kernel = "fbgemm"
             # FBGEMM keeps its own packed copy; the int8 codes are not kept beside it
-            self._packed = K.int8_dynamic_pack(q.codes.contiguous(), q.scale.reshape(-1).float())
+            handle = K.int8_dynamic_pack(q.codes.contiguous(), q.scale.reshape(-1).float())
+            weakref.finalize(self, K.int8_dynamic_release, handle)
             self.fbgemm_bytes = q.codes.numel() + 8 * self.out_features  # codes + double scales
             # AVX512-VNNI accumulates u8*s8 products in 32 bits; AVX2's vpmaddubsw saturates
             reduce_range = not torch.cpu._is_vnni_supported()
-            self._mm = partial(K.int8_dynamic_mm, packed=self._packed, reduce_range=reduce_range)
+            self._mm = partial(K.int8_dynamic_mm, handle=handle, n=self.out_features, reduce_range=reduce_range)
         else:
             from ..formats.grid import activation_qdq
 
