@@ -50,8 +50,9 @@ def decode_step(model: nn.Module, length: int):
     # Dynamo keeps a graph per (code object, guards), and every model shares the top-level
     # forward's code object: past its recompile limit (8) it stops compiling that frame and
     # instead compiles each decoder layer's frame on its own, per layer, which ran slower than
-    # eager (measured in bench/decode_speed.py with nine models in one process). One slot per
-    # graph this process makes keeps every model whole.
+    # eager (measured in bench/decode_speed.py with nine models in one process). Two slots per
+    # graph this process makes (a whole graph needs one; the other is headroom) keep every
+    # model whole.
     global _graphs
     _graphs += 1
     torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 2 * _graphs + 8)
