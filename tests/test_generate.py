@@ -210,8 +210,9 @@ def test_a_stop_prefix_before_an_unfinished_character_is_held_back():
     assert "".join(pieces) == "ab" and text.stopped and text.text == "ab"
 
 
-# one scheme per kernel family: int4pack, FBGEMM, the C FP8 and FP4 row kernels (custom ops)
-@pytest.mark.parametrize("scheme", ["W4A16", "W8A8_INT8", "FP8_DYNAMIC", "NVFP4A16"])
+# one scheme per kernel family: the C INT4 kernel (group 64), torch's int4pack (group 32),
+# FBGEMM, the C FP8 and FP4 row kernels (custom ops)
+@pytest.mark.parametrize("scheme", ["W4A16", "W4A16_ASYM", "W8A8_INT8", "FP8_DYNAMIC", "NVFP4A16"])
 def test_a_compiled_decode_step_generates_what_the_eager_one_does(tiny_dir, dataset, tmp_path, scheme):
     """compile=True: the same greedy tokens as eager decoding (float32, where Inductor's fused
     loops differ from eager only in rounding order), logits within 1e-5; the graph is made once
@@ -220,7 +221,7 @@ def test_a_compiled_decode_step_generates_what_the_eager_one_does(tiny_dir, data
 
     out = tmp_path / scheme
     lowbit.quantize(tiny_dir("llama"), out, scheme, dataset=str(dataset), samples=4, seq_len=32,
-                    group_size=32 if scheme.startswith("W") else None, algorithm="rtn")
+                    group_size={"W4A16": 64, "W4A16_ASYM": 32}.get(scheme), algorithm="rtn")
     from torch._dynamo.utils import counters
 
     model, tok = load_model(out, torch.float32, packed=True), load_tokenizer(out)

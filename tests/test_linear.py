@@ -14,7 +14,8 @@ import torch
 
 import lowbit
 from lowbit.formats.grid import Quantized, grid_for
-from lowbit.runtime.linear import packed_linear, resident_bytes
+from lowbit.runtime import kernels_fp as F
+from lowbit.runtime.linear import Int4Linear, packed_linear, resident_bytes
 from lowbit.runtime.load import load_model
 from lowbit.schemes import QuantSpec
 
@@ -49,6 +50,25 @@ def bf16_input_bound(x: torch.Tensor, q: Quantized) -> torch.Tensor:
     return 2.0**-8 * (x.double().abs() @ (w.abs() + zs).T) + 1e-6
 
 
+def int16_input_bound(x: torch.Tensor, q: Quantized) -> torch.Tensor:
+    """What the C INT4 kernel may differ from the exact product by: each input rounds to int16
+    per weight group, at most half a step (max|x_g| / 32767) each, times the group's |w|; the
+    float32 steps after the exact integer sums (a product by s * t, the sum over groups) add
+    ~G * 2^-24 relative: 2^-20 of sum |x| |w| covers them."""
+    w, _ = exact(q)
+    n, k = w.shape
+    g = k // q.scale.shape[1]
+    step = x.double().abs().reshape(*x.shape[:-1], k // g, g).amax(-1) / 32767  # [..., G]
+    per_group = w.abs().reshape(n, k // g, g).sum(-1)  # [N, G]
+    return step @ per_group.T / 2 + 2.0**-20 * (x.double().abs() @ w.abs().T) + 1e-6
+
+
+def int4_kernel(k: int, group: int) -> str:
+    from lowbit.runtime import kernels_cpu as K
+
+    return "int4-c" if K.int4_c_supported(k, group) else "int4pack"
+
+
 def check(linear, x: torch.Tensor, q: Quantized, bound: torch.Tensor) -> None:
     y = linear(x)
     want = x.double() @ exact(q)[0].T
@@ -62,9 +82,16 @@ def check(linear, x: torch.Tensor, q: Quantized, bound: torch.Tensor) -> None:
 def test_int4_kernels_match_the_exact_product(group, symmetric, fast):
     q = random_quantized(48, 3 * group, 4, group, symmetric, seed=group)
     linear = packed_linear(q, None, torch.float32, fast)
-    assert linear.kernel == ("int4pack" if fast else "dequant")
+    kernel = int4_kernel(3 * group, group) if fast else "dequant"
+    assert linear.kernel == kernel
+    bound = int16_input_bound if kernel == "int4-c" else bf16_input_bound
     for x in (torch.randn(1, 3 * group), torch.randn(2, 5, 3 * group)):
-        check(linear, x, q, bf16_input_bound(x, q))
+        check(linear, x, q, bound(x, q))
+    if fast:  # torch's int4pack, the kernel where the C library is not built
+        torch_kernel = Int4Linear(q, torch.float32, c=False)
+        assert torch_kernel.kernel == "int4pack"
+        for x in (torch.randn(1, 3 * group), torch.randn(3, 3 * group)):
+            check(torch_kernel, x, q, bf16_input_bound(x, q))
     if not fast:  # the fallback computes exactly what the reference path loads
         x = torch.randn(7, 3 * group)
         exact = dataclasses.replace(q, scale=q.scale.float())  # 16-bit scales: float32 products
@@ -131,10 +158,12 @@ def checkpoints(tiny_dir, tmp_path_factory):
     return src, made
 
 
-@pytest.mark.parametrize("scheme, kernel", [("W4A16", "int4pack"), ("W4A16_ASYM", "int4pack"),
+@pytest.mark.parametrize("scheme, kernel", [("W4A16", "int4"), ("W4A16_ASYM", "int4"),
                                             ("W8A16", "int8pack"), ("W8A8_INT8", "fbgemm")])
 def test_packed_models_match_the_reference_path(checkpoints, scheme, kernel):
     src, made = checkpoints
+    if kernel == "int4":  # group 32 (W4A16 here): torch's int4pack; 64 (ASYM) the C kernel
+        kernel = int4_kernel(64, 32 if scheme == "W4A16" else 64)
     ids = torch.randint(8, 250, (1, 48), generator=torch.Generator().manual_seed(0))
     original = load_model(src)(input_ids=ids).logits
     reference_model = load_model(made[scheme])
@@ -147,7 +176,7 @@ def test_packed_models_match_the_reference_path(checkpoints, scheme, kernel):
         # another INT8 input grid (asymmetric, 255 steps a token) rounds inputs differently
         # but as finely: the fast path is as close to the unquantized model as the reference
         assert (fast - original).norm() < 1.1 * quantization
-    else:  # bf16 inputs: a difference well under what quantization itself makes
+    else:  # bf16 (or int16) inputs: a difference well under what quantization itself makes
         assert (fast - reference).norm() < 0.5 * quantization
     fallback = load_model(made[scheme], torch.float32, packed=True, fast=False)
     assert torch.equal(fallback(input_ids=ids).logits, reference)  # the same weights, same math
@@ -191,18 +220,23 @@ def dense_bound(x: torch.Tensor, q: Quantized) -> torch.Tensor:
 
 @pytest.mark.parametrize("group", [32, 64, 128, 256])
 @pytest.mark.parametrize("symmetric", [True, False])
-def test_prefill_sized_inputs_take_the_dense_gemm(group, symmetric, monkeypatch):
+@pytest.mark.parametrize("c", [True, False])
+def test_prefill_sized_inputs_take_the_dense_gemm(group, symmetric, c, monkeypatch):
     from lowbit.runtime import kernels_cpu as K
 
     q = random_quantized(128, 3 * group, 4, group, symmetric, seed=group + 1)
-    linear = packed_linear(q, None, torch.float32)
-    assert linear.kernel == "int4pack" and linear.dense_from == K.DENSE_ROWS["int4"]
+    linear = Int4Linear(q, torch.float32, c=c)
+    kernel = int4_kernel(3 * group, group) if c else "int4pack"
+    assert linear.kernel == kernel and linear.dense_from == K.DENSE_ROWS["int4"]
     calls = []
-    unpack = K.int4_dense_weight
-    monkeypatch.setattr(K, "int4_dense_weight", lambda *a: calls.append(1) or unpack(*a))
+    name = "int4_c_unpack" if kernel == "int4-c" else "int4_dense_weight"
+    unpack = getattr(K, name)
+    monkeypatch.setattr(K, name, lambda *a: calls.append(1) or unpack(*a))
     rows = linear.dense_from
     for x in (torch.randn(rows - 1, 3 * group), torch.randn(2, rows, 3 * group)):
-        check(linear, x, q, dense_bound(x, q))
+        # rows - 1 rows: the row kernel (torch's bf16 inputs, or C's int16 ones); then the GEMM
+        extra = int16_input_bound(x, q) if kernel == "int4-c" else 0
+        check(linear, x, q, dense_bound(x, q) + extra)
     assert len(calls) == 1  # only the input with >= dense_from rows dequantized
 
 
@@ -233,7 +267,7 @@ def test_avx2_int4_layout_is_read_too():
         "x = torch.randn(200, 128)\n"
         "err = (m(x).double() - x.double() @ exact(q)[0].T).abs().max().item()\n"
         "print(torch.backends.cpu.get_cpu_capability(), m.dense_from, err < 0.05)\n")
-    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2"}
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": "avx2", "LOWBIT_NO_C_KERNELS": "1"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", script, root], env=env, capture_output=True,
                          text=True, check=True).stdout
@@ -243,10 +277,12 @@ def test_avx2_int4_layout_is_read_too():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 1, 72), (1, 72), (3, 72), (2, 5, 72)])
-def test_dense_linear_matches_a_float64_product(dtype, shape):
-    """Float Linears of a packed model: one row through torch.mv, more through F.linear; both
-    within the rounding of the output to `dtype` plus float32 accumulation of K products."""
+@pytest.mark.parametrize("shape", [(1, 1, 72), (1, 72), (3, 72), (2, 5, 72), (9, 72)])
+@pytest.mark.parametrize("fast", [True, False])
+def test_dense_linear_matches_a_float64_product(dtype, shape, fast):
+    """Float Linears of a packed model: a few bf16 rows through the C kernel (`fast`), one
+    float32 row through torch.mv, more through F.linear; all within the rounding of the output
+    to `dtype` plus float32 accumulation of K products."""
     from lowbit.runtime.linear import dense_linear
 
     g = torch.Generator().manual_seed(1)
@@ -254,8 +290,9 @@ def test_dense_linear_matches_a_float64_product(dtype, shape):
     with torch.no_grad():
         base.weight.copy_(torch.randn(40, 72, generator=g))
         base.bias.copy_(torch.randn(40, generator=g))
-    dense = dense_linear(base)
+    dense = dense_linear(base, fast)
     assert dense.weight is base.weight and dense.bias is base.bias  # shared, not copied
+    assert dense.c_gemv == (fast and F.library() is not None)
     x = torch.randn(*shape, generator=g).to(dtype)
     y = dense(x)
     want = x.double() @ base.weight.double().T + base.bias.double()
@@ -284,3 +321,38 @@ def test_packed_model_keeps_the_tied_lm_head_shared(tiny_dir, tmp_path):
     assert torch.allclose(last, full, rtol=2**-7, atol=2**-7 * full.abs().max())
     reference = load_model(out, torch.bfloat16)(input_ids=ids).logits[:, -1].float()
     assert (last - reference).norm() < 0.05 * reference.norm()  # the embedding, not meta/zeros
+
+
+C_PATHS = """
+import sys, torch
+sys.path.insert(0, sys.argv[1])
+from tests.test_linear import random_quantized, exact, int16_input_bound
+from lowbit.runtime import kernels_cpu as K
+from lowbit.runtime.clib import library
+ok = []
+for n, k, group, symmetric in [(40, 192, 64, True), (24, 384, 128, False), (16, 512, 256, True)]:
+    q = random_quantized(n, k, 4, group, symmetric, seed=k)
+    packed, s, c = K.int4_c_pack(q.codes, q.scale, q.zero)
+    for m in (1, 3):
+        x = torch.randn(m, k)
+        err = (K.int4_c_mm(x, packed, s, c, group).double() - x.double() @ exact(q)[0].T).abs()
+        ok.append(bool((err <= int16_input_bound(x, q)).all()))
+w = torch.randn(37, 200).bfloat16()
+x = torch.randn(2, 200)
+err = (K.bf16_gemv(x, w).double() - x.double() @ w.double().T).abs()
+ok.append(bool((err <= 200 * 2.0**-23 * (x.double().abs() @ w.double().abs().T) + 1e-6).all()))
+print(library().int4_vector_bits(), all(ok))
+"""
+
+
+@pytest.mark.skipif(F.library() is None or os.uname().machine != "x86_64", reason="x86-64 C builds")
+@pytest.mark.parametrize("march, bits", [("x86-64-v3", 256), ("x86-64", 0)])
+def test_the_c_kernels_built_for_other_cpus_are_exact_too(march, bits, tmp_path):
+    """The AVX2 and plain-C code of clib.py (what an AVX2-only or older CPU compiles) built here
+    with -march=x86-64-v3 / x86-64: the INT4 kernel within its int16 input bound and the bf16
+    rows within float32 accumulation, as on this machine's own build."""
+    env = {**os.environ, "LOWBIT_KERNEL_MARCH": march, "LOWBIT_KERNEL_CACHE": str(tmp_path)}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-c", C_PATHS, root], env=env, capture_output=True,
+                         text=True, check=True).stdout
+    assert out.split() == [str(bits), "True"], out

@@ -27,6 +27,7 @@ import warnings
 import torch
 
 from ..formats.grid import abs_max
+from .clib import library
 
 # torch's int4 CPU packing needs output rows in multiples of 16; the int8 kernel reads K in
 # blocks of 16 (it crashes on K = 72 or 88 in torch 2.13, checked here)
@@ -118,6 +119,78 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale_offset: torch.Tensor, g
     return y if bias is None else y + bias
 
 
+# INT4 weights times integer inputs in the C library (clib.py). Each input row is quantized
+# once per call to int16 per weight group (step max|x| / 32767, round half to even) and the dot
+# products are integer, so a weight costs a nibble mask, a widening and half a multiply-add
+# instruction, not a float conversion and an FMA (torch's int4pack kernel, compute-bound at
+# batch 1: ~9 GB/s of the ~27 a sum reads on an AMD EPYC with AVX512, bench/cpu_kernels.py).
+# int16 rather than llama.cpp's int8: the input step is 2^-15 of the group's max, finer than
+# the bf16 rounding (2^-9 of each value) torch's kernel applies, where int8 inputs raised
+# SmolLM2 W4A16's KL by 0.9 % (bench/packed_kl.py); the error bound the tests hold is
+# |sum_k w_k dx_k| <= sum_g (max|x_g| / 65534) sum_(k in g) |w_k|.
+def int4_c_supported(in_features: int, group: int) -> bool:
+    # plain C (no AVX2) ran 5.8x slower than torch's int4pack here (8192x2048, g128, AVX512 CPU)
+    return group % 64 == 0 and in_features % group == 0 and library() is not None \
+        and library().int4_vector_bits() > 0
+
+
+def int4_c_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Signed INT4 codes [N, K], group scales and zero points [N, K/g] in the C kernel's
+    layout (clib.py): u = code + 8 as K/2 bytes a row, each 64 weights as 16 little-endian
+    16-bit lanes, lane l holding u_l, u_(l+16), u_(l+32), u_(l+48) from its lowest nibble up;
+    float32 scales s and int32 c = 8 + zero, so w = s * (u - c)."""
+    n, k = codes.shape
+    u = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(n, k // 64, 4, 16)
+    lanes = torch.stack([u[:, :, 0] | (u[:, :, 1] << 4), u[:, :, 2] | (u[:, :, 3] << 4)], -1)
+    s = scale.float().reshape(n, -1).contiguous()
+    c = torch.full_like(s, 8, dtype=torch.int32) if zero is None else 8 + zero.to(torch.int32).reshape(n, -1)
+    return lanes.reshape(n, k // 2).contiguous(), s, c.contiguous()
+
+
+def int4_c_unpack(packed: torch.Tensor) -> torch.Tensor:
+    """The unsigned codes u [N, K] (uint8) back from int4_c_pack's layout."""
+    n, h = packed.shape
+    p = packed.reshape(n, h // 32, 16, 2)
+    lo, hi = p[..., 0], p[..., 1]
+    return torch.stack([lo & 15, lo >> 4, hi & 15, hi >> 4], 2).reshape(n, 2 * h)
+
+
+@torch.library.custom_op("lowbit::int4_gemv", mutates_args=())
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, s: torch.Tensor, c: torch.Tensor,
+              group: int) -> torch.Tensor:
+    """x [M, K] (inputs quantized to int16 per group inside) @ the INT4 weights.T, float32 [M, N]."""
+    x = x.float().contiguous()
+    (m, k), n = x.shape, packed.shape[0]
+    y = torch.empty(m, n)
+    library().int4_gemv(m, n, k, group, x.data_ptr(), packed.data_ptr(), s.data_ptr(),
+                        c.data_ptr(), y.data_ptr())
+    return y
+
+
+@int4_gemv.register_fake
+def _(x, packed, s, c, group):
+    return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
+
+
+def int4_c_mm(x: torch.Tensor, packed: torch.Tensor, s: torch.Tensor, c: torch.Tensor, group: int,
+              dense_from: int = NEVER, dtype: torch.dtype = torch.float32,
+              bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., K] @ the INT4 weights.T: fewer than `dense_from` rows through the C row kernel,
+    more through one dense GEMM in `dtype` on weights s * (u - c) formed for the call in float32
+    (the reference path's weights: u - c is a small integer, so one rounding, to `dtype`)."""
+    flat = x.reshape(-1, x.shape[-1])
+    if flat.shape[0] >= dense_from:
+        n, k = packed.shape[0], packed.shape[1] * 2
+        u = int4_c_unpack(packed).view(n, k // group, group)
+        w = ((u - c.unsqueeze(-1)).float() * s.unsqueeze(-1)).view(n, k).to(dtype)
+        y = torch.nn.functional.linear(flat.to(dtype), w)
+    else:
+        y = int4_gemv(flat, packed, s, c, group)
+    y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
+    return y if bias is None else y + bias
+
+
 def int8_weight_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
                    dense_from: int = NEVER, dtype: torch.dtype = torch.float32,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -184,12 +257,38 @@ def int8_dynamic_mm(x: torch.Tensor, handle: int, n: int, reduce_range: bool,
     return y if bias is None else y + bias
 
 
-def dense_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ weight [N, K].T for a float weight. A single row (a decode step, or the
-    last position's logits) goes through torch.mv: in bf16 its kernel runs 1.7-2.9x faster than
-    the GEMM F.linear calls for one row (576x49152, one thread, Sapphire Rapids; float32 mv is
-    no slower), and for the tied lm_head of a small model that GEMM is a third of a step."""
-    if x.numel() != x.shape[-1]:
+@torch.library.custom_op("lowbit::bf16_gemv", mutates_args=())
+def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """x [M, K] @ bf16 weight [N, K].T in float32 [M, N] (clib.py: products exact, float32 sums)."""
+    x = x.float().contiguous()
+    (m, k), n = x.shape, weight.shape[0]
+    y = torch.empty(m, n)
+    library().bf16_gemv(m, n, k, x.data_ptr(), weight.data_ptr(), y.data_ptr())
+    return y
+
+
+@bf16_gemv.register_fake
+def _(x, weight):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+GEMV_ROWS = 8  # fewer rows than this go through a matrix-vector kernel (see dense_mm)
+
+
+def dense_mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+             c_gemv: bool = False) -> torch.Tensor:
+    """x [..., K] @ weight [N, K].T for a float weight. Decode-sized inputs (a step, the last
+    position's logits) take a matrix-vector kernel that reads the weights once: for bf16 the C
+    one, 4.5x faster than torch.mv (49152x2048, one thread, AMD EPYC AVX512-BF16: 8.1 against
+    36 ms, 25 GB/s of the 27 a sum reads) and exact in its products; for float32 torch.mv (19
+    GB/s there), since F.linear's GEMM for one row ran 1.7-2.9x slower (576x49152, Sapphire
+    Rapids). For the lm_head of a small model that call is a third of a step. `c_gemv`: the
+    C library is there (decided at load, not per call)."""
+    rows = x.numel() // x.shape[-1]
+    if c_gemv and weight.dtype == torch.bfloat16 and rows < GEMV_ROWS:
+        y = bf16_gemv(x.reshape(rows, -1), weight).to(x.dtype).reshape(*x.shape[:-1], -1)
+        return y if bias is None else y + bias
+    if rows != 1:
         return torch.nn.functional.linear(x, weight, bias)
     y = torch.mv(weight, x.reshape(-1)).reshape(*x.shape[:-1], -1)
     return y if bias is None else y + bias

@@ -38,13 +38,25 @@ class _Packed(nn.Module):
 
 
 class Int4Linear(_Packed):
-    """INT4 weights in groups of 32-256, symmetric or with zero points (W4A16). `dense=False`
-    keeps prefill-sized inputs on the packed kernel too (tests compare the two)."""
+    """INT4 weights in groups of 32-256, symmetric or with zero points (W4A16): the C library's
+    integer kernel (kernels_cpu.int4_c_mm) where it is built, else torch's int4pack, else the
+    dequantizing fallback. `dense=False` keeps prefill-sized inputs on the packed kernel too
+    (tests compare the two); `c=False` skips the C kernel."""
 
-    def __init__(self, q: Quantized, dtype: torch.dtype, fast: bool = True, dense: bool = True):
+    def __init__(self, q: Quantized, dtype: torch.dtype, fast: bool = True, dense: bool = True,
+                 c: bool = True):
         super().__init__(q, dtype)
         g = q.grid.spec.group_size
-        if fast and K.int4_supported(self.out_features, self.in_features, g):
+        if fast and c and K.int4_c_supported(self.in_features, g):
+            self.kernel = "int4-c"
+            packed, s, c = K.int4_c_pack(q.codes, q.scale, q.zero)
+            self.register_buffer("weight_packed", packed)
+            self.register_buffer("weight_scale", s)
+            self.register_buffer("weight_offset", c)
+            self.dense_from = K.DENSE_ROWS["int4"] if dense else K.NEVER
+            self._mm = partial(K.int4_c_mm, packed=packed, s=s, c=c, group=g,
+                               dense_from=self.dense_from, dtype=K.dense_dtype())
+        elif fast and K.int4_supported(self.out_features, self.in_features, g):
             self.kernel = "int4pack"
             packed, scale_offset = K.int4_pack(q.codes, q.scale, q.zero)
             self.register_buffer("weight_int4pack", packed)
@@ -148,14 +160,18 @@ class DenseLinear(nn.Linear):
     matrix-vector kernel (kernels_cpu.dense_mm). Still an nn.Linear, with the same parameters,
     so tying, hooks and state-dict names are unchanged."""
 
+    c_gemv = False  # bf16 rows through the C kernel (set where the library is there)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return K.dense_mm(x, self.weight, self.bias)
+        return K.dense_mm(x, self.weight, self.bias, self.c_gemv)
 
 
-def dense_linear(linear: nn.Linear) -> DenseLinear:
-    """A DenseLinear holding `linear`'s own weight and bias (no copy)."""
+def dense_linear(linear: nn.Linear, fast: bool = True) -> DenseLinear:
+    """A DenseLinear holding `linear`'s own weight and bias (no copy); `fast=False` keeps
+    torch's own kernels."""
     new = DenseLinear(linear.in_features, linear.out_features, bias=False, device="meta")
     new.weight, new.bias = linear.weight, linear.bias
+    new.c_gemv = fast and F.library() is not None
     return new
 
 

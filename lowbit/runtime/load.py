@@ -166,7 +166,7 @@ def load_model(path: Path, dtype: torch.dtype = torch.float32, packed: bool = Fa
             else:
                 ckpt.materialize_param(module, pname, full, dtype)
         if packed and type(module) is nn.Linear and name not in swaps:
-            swaps[name] = dense_linear(module)  # its weight now (a tied one is set below)
+            swaps[name] = dense_linear(module, fast)  # its weight now (a tied one is set below)
         spec, scale, target = None, None, swaps.get(name, module)
         if name in swaps:
             target.bias = module.bias

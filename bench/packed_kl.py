@@ -1,0 +1,70 @@
+"""Claim: the packed kernels lowbit.load runs give the dequantizing reference path's accuracy
+(issue 11 item 5): KL(original || model) and top-1 agreement on held-out ShareGPT windows for
+each checkpoint through (a) the reference path, (b) the packed kernels as `lowbit eval
+--packed` runs them (prefill-sized windows take each format's dense per-call GEMM), and (c) the
+packed kernels forced onto their decode-sized (row) path for every input, which is what a
+generated token goes through: torch's int4pack / int8pack, FBGEMM, and the C library's W4A8,
+FP8 and FP4 row kernels. The ratio column is each KL over the reference's.
+
+    python bench/packed_kl.py .cache/smollm2-135m-bf16 W4A16=.cache/smollm2-135m-w4a16 ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parents[1]))
+import lowbit  # noqa: E402
+from lowbit.hardware import cpu_isa  # noqa: E402
+from lowbit.runtime import kernels_cpu, kernels_fp  # noqa: E402
+
+
+def rows_path(enabled: bool) -> None:
+    """Every packed kernel on its row (decode) path for inputs of any size, or back to normal.
+    Linears read their threshold at load, so set this before lowbit.load."""
+    for table in (kernels_cpu.DENSE_ROWS,):
+        for k in table:
+            table[k] = kernels_cpu.NEVER if enabled else rows_path.saved[k]
+    kernels_fp.DENSE_ROWS = kernels_cpu.NEVER if enabled else rows_path.saved["fp"]
+
+
+rows_path.saved = {**kernels_cpu.DENSE_ROWS, "fp": kernels_fp.DENSE_ROWS}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("original", type=Path)
+    ap.add_argument("quantized", nargs="+", metavar="NAME=DIR")
+    ap.add_argument("--windows", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=2)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    print(f"CPU ISA {cpu_isa()}, torch {torch.__version__}, {a.windows} windows x {a.seq_len} tokens")
+    print("| checkpoint | path | kernels | KL | KL / reference | top-1 |\n|---|---|---|---|---|---|")
+    for spec in a.quantized:
+        name, _, path = spec.partition("=")
+        ref = None
+        for label, packed, rows in (("reference", False, False), ("packed (eval --packed)", True, False),
+                                    ("packed, row kernels", True, True)):
+            rows_path(rows)
+            kernels = "dequantized"
+            if packed:
+                m = lowbit.load(path, "auto")
+                kernels = "+".join(sorted({getattr(x, "kernel", "") for x in m.modules()} - {""}))
+                del m
+            r = lowbit.evaluate(path, a.original, windows=a.windows, seq_len=a.seq_len, device="cpu",
+                                packed=packed)
+            rows_path(False)
+            kl, top1 = r["kl"], r["top1"]
+            ref = ref if ref is not None else kl
+            print(f"| {name} | {label} | {kernels} | {kl:.5f} | {kl / ref:.4f} | {top1 * 100:.2f} % |",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()

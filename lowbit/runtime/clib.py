@@ -1,0 +1,399 @@
+"""The C kernels of the CPU runtime, in one small library built on first use: FP8/FP4 weight
+rows (kernels_fp.py), bf16 weight rows and INT4 dot products (kernels_cpu.py).
+
+It is compiled with the C compiler ($CC, default cc) for this machine (-march=native, or
+$LOWBIT_KERNEL_MARCH: the preprocessor picks AVX512 / AVX512-VNNI / AVX2 code, or plain C),
+cached under $LOWBIT_KERNEL_CACHE (default ~/.cache/lowbit/kernels) by source, compiler, -march
+and CPU flags. Without
+a compiler (or with LOWBIT_NO_C_KERNELS=1) `library()` is None and every Linear that would use it
+takes its torch fallback. Each kernel runs on one thread (the callers' batch-1 shapes are bound by
+memory reads, and a second OpenMP runtime beside torch's is asking for trouble).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+
+SOURCE = r"""
+#include <stdint.h>
+#include <stdlib.h>
+#include <math.h>
+#include <string.h>
+#if defined(__AVX2__) || defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+/* ---- FP8 (E4M3) and FP4 (E2M1) weights, runtime/kernels_fp.py ---- */
+
+/* One weight row as float32 values. FP8: w[k] = value of E4M3 byte c[k]. AVX512 makes each
+   byte an FP16 with the same bits shifted (s eeee mmm -> s 0eeee mmm0000000: the value / 256,
+   subnormals included) and converts 16 at a time; elsewhere a 256-entry table. */
+static void fp8_row(const uint8_t *c, int64_t K, const float *lut, float *w) {
+  int64_t k = 0;
+#if defined(__AVX512F__)
+  const __m256i mask = _mm256_set1_epi16((short)0xBF80);
+  const __m512 k256 = _mm512_set1_ps(256.f);
+  for (; k + 16 <= K; k += 16) {
+    __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(c + k)));
+    h = _mm256_and_si256(_mm256_slli_epi16(h, 7), mask);
+    _mm512_storeu_ps(w + k, _mm512_mul_ps(_mm512_cvtph_ps(h), k256));
+  }
+#endif
+  for (; k < K; k++) w[k] = lut[c[k]];
+}
+
+/* FP4: bytes p[0..H) hold columns 2j (low nibble) and 2j+1 (high); we / wo get the even / odd
+   columns times their group scale s[j / hg] (hg = group / 2 bytes a group). AVX512: the 16
+   E2M1 values by a register permute, 32 weights a step, for hg 8 (NVFP4) or a multiple of 16. */
+static void fp4_row(const uint8_t *p, int64_t H, const float *lut16, const float *s, int64_t hg,
+                    float *we, float *wo) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  if (hg == 8 || hg % 16 == 0) {
+    const __m512 table = _mm512_loadu_ps(lut16);
+    const __m512i low = _mm512_set1_epi32(15);
+    const __m512i pairs = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    for (; j + 16 <= H; j += 16) {
+      __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + j)));
+      __m512 sv = hg == 8 ? _mm512_permutexvar_ps(pairs, _mm512_maskz_loadu_ps(3, s + j / 8))
+                          : _mm512_set1_ps(s[j / hg]);
+      _mm512_storeu_ps(we + j, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_and_si512(b, low), table), sv));
+      _mm512_storeu_ps(wo + j, _mm512_mul_ps(_mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table), sv));
+    }
+  }
+#endif
+  for (; j < H; j++) {
+    float sc = s[j / hg];
+    we[j] = lut16[p[j] & 15] * sc;
+    wo[j] = lut16[p[j] >> 4] * sc;
+  }
+}
+
+/* four independent accumulators: one would wait on each FMA's latency (4 cycles) */
+static float dot(const float *a, const float *b, int64_t n) {
+  int64_t i = 0;
+  float acc = 0.f;
+#if defined(__AVX512F__)
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  for (; i + 64 <= n; i += 64) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
+    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), s2);
+    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), s3);
+  }
+  for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+#endif
+  for (; i < n; i++) acc += a[i] * b[i];
+  return acc;
+}
+
+/* y[m, n] = sum_k x[m, k] * value(codes[n, k]) */
+void fp8_gemv(int64_t M, int64_t N, int64_t K, const float *x, const uint8_t *codes,
+              const float *lut, float *y) {
+  float *w = malloc(K * sizeof(float));
+  for (int64_t n = 0; n < N; n++) {
+    fp8_row(codes + n * K, K, lut, w);
+    for (int64_t m = 0; m < M; m++) y[m * N + n] = dot(x + m * K, w, K);
+  }
+  free(w);
+}
+
+/* y[m, n] = sum_k x[m, k] * e2m1(n, k) * scale[n, k / group]; packed [N, K/2], scale
+   [N, K/group] float32, xe / xo the even / odd columns of x, [M, K/2] each */
+void fp4_gemv(int64_t M, int64_t N, int64_t K, const float *xe, const float *xo,
+              const uint8_t *packed, const float *lut16, const float *scale, int64_t group,
+              float *y) {
+  int64_t H = K / 2;
+  float *we = malloc(H * sizeof(float)), *wo = malloc(H * sizeof(float));
+  for (int64_t n = 0; n < N; n++) {
+    fp4_row(packed + n * H, H, lut16, scale + n * (K / group), group / 2, we, wo);
+    for (int64_t m = 0; m < M; m++)
+      y[m * N + n] = dot(xe + m * H, we, H) + dot(xo + m * H, wo, H);
+  }
+  free(we);
+  free(wo);
+}
+
+/* out[i] = value of E4M3 byte codes[i] as float32 (FP4 group scales, per call) */
+void fp8_to_f32(int64_t count, const uint8_t *codes, const float *lut, float *out) {
+  fp8_row(codes, count, lut, out);
+}
+
+/* bf16 bits of float32 values bf16 holds exactly (truncation is then exact) */
+static inline uint16_t bf16_bits(float f) {
+  uint32_t u;
+  memcpy(&u, &f, 4);
+  return (uint16_t)(u >> 16);
+}
+
+/* out [N, K] bf16 = FP8 values (every E4M3 value is a bf16 value) */
+void fp8_to_bf16(int64_t N, int64_t K, const uint8_t *codes, const float *lut, uint16_t *out) {
+  float *w = malloc(K * sizeof(float));
+  for (int64_t n = 0; n < N; n++) {
+    fp8_row(codes + n * K, K, lut, w);
+    for (int64_t k = 0; k < K; k++) out[n * K + k] = bf16_bits(w[k]);
+  }
+  free(w);
+}
+
+/* out [N, K] bf16 = e2m1 * group scale (exact where the scale has <= 6 significant bits) */
+void fp4_to_bf16(int64_t N, int64_t K, const uint8_t *packed, const float *lut16,
+                 const float *scale, int64_t group, uint16_t *out) {
+  int64_t H = K / 2;
+  float *we = malloc(H * sizeof(float)), *wo = malloc(H * sizeof(float));
+  for (int64_t n = 0; n < N; n++) {
+    fp4_row(packed + n * H, H, lut16, scale + n * (K / group), group / 2, we, wo);
+    uint16_t *o = out + n * K;
+    for (int64_t j = 0; j < H; j++) {
+      o[2 * j] = bf16_bits(we[j]);
+      o[2 * j + 1] = bf16_bits(wo[j]);
+    }
+  }
+  free(we);
+  free(wo);
+}
+
+/* ---- bf16 weights (the lm_head, unquantized Linears): y = x @ w.T, x float32 ----
+   bf16 bits shifted into float32's upper half are the same value, so each product is exact
+   and the sum is float32, as torch's own bf16 matmuls accumulate. */
+static float bf16_dot(const float *x, const uint16_t *w, int64_t K) {
+  int64_t k = 0;
+  float acc = 0.f;
+#if defined(__AVX512F__)
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+#define W16(o) _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32( \
+    _mm256_loadu_si256((const __m256i *)(w + k + (o)))), 16))
+  for (; k + 64 <= K; k += 64) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), W16(0), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), W16(16), s1);
+    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), W16(32), s2);
+    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), W16(48), s3);
+  }
+  for (; k + 16 <= K; k += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), W16(0), s0);
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+#elif defined(__AVX2__)
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+#define W8(o) _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32( \
+    _mm_loadu_si128((const __m128i *)(w + k + (o)))), 16))
+  for (; k + 32 <= K; k += 32) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), W8(0), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), W8(8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), W8(16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), W8(24), s3);
+  }
+  for (; k + 8 <= K; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), W8(0), s0);
+  __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  acc = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+#endif
+  for (; k < K; k++) {
+    uint32_t u = (uint32_t)w[k] << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    acc += x[k] * f;
+  }
+  return acc;
+}
+
+/* y[m, n] = sum_k x[m, k] * w[n, k]; a weight row is read from memory once for all M rows */
+void bf16_gemv(int64_t M, int64_t N, int64_t K, const float *x, const uint16_t *w, float *y) {
+  for (int64_t n = 0; n < N; n++)
+    for (int64_t m = 0; m < M; m++) y[m * N + n] = bf16_dot(x + m * K, w + n * K, K);
+}
+
+/* ---- INT4 weights times 16-bit integer activations: integer dot products ----
+   Weights: u = code + 8 in [0, 15]. Each 64 weights of a row are 16 little-endian 16-bit
+   lanes, lane l holding u_l, u_(l+16), u_(l+32), u_(l+48) in its four nibbles, so one load,
+   three shifts and three masks give four vectors of 16-bit codes, 16 columns each in order,
+   ready for 16-bit multiply-adds. w = s * (u - c), c = 8 + zero point, per (row, group): float
+   s, integer c; groups are multiples of 64.
+   Inputs: per row and weight group, int16 a = round(x / t), t = max|x| / 32767, so
+   sum_k w_k x_k ~= sum_g s_g t_g (sum_k u_k a_k - c_g sum_k a_k), all but the last product in
+   int32: |u a| <= 15 * 32767 and a group holds at most 256 of them (< 2^27).
+   AVX512 takes two such 64-column blocks of one group a step (groups of 128 or more): lanes
+   0-15 the first, 16-31 the second, so its inputs are stored in the order that pairs them. */
+static int paired(int64_t g) {
+#if defined(__AVX512BW__)
+  return g % 128 == 0;
+#else
+  (void)g;
+  return 0;
+#endif
+}
+
+static void quantize_inputs(int64_t K, int64_t g, const float *x, int16_t *a, float *t, int32_t *asum) {
+  int pair = paired(g);
+  for (int64_t j = 0; j < K / g; j++) {
+    const float *xg = x + j * g;
+    float amax = 0.f;
+    for (int64_t k = 0; k < g; k++) amax = fmaxf(amax, fabsf(xg[k]));
+    float inv = amax > 0.f ? 32767.f / amax : 0.f;
+    int32_t sum = 0;
+    for (int64_t k = 0; k < g; k++) {
+      /* paired: column 64h + 16r + l (h the block of the pair) goes to 32r + 16h + l */
+      int64_t at = pair ? (k & ~127) + ((k & 48) << 1) + ((k & 64) >> 2) + (k & 15) : k;
+      int32_t v = (int32_t)nearbyintf(xg[k] * inv);  /* round half to even; |v| <= 32767 */
+      a[j * g + at] = (int16_t)v;
+      sum += v;
+    }
+    t[j] = amax / 32767.f;
+    asum[j] = sum;
+  }
+}
+
+static float int4_row_dot(const uint8_t *p, const int16_t *a, const float *t, const int32_t *asum,
+                          const float *s, const int32_t *c, int64_t K, int64_t g) {
+  int64_t G = K / g;
+#if defined(__AVX512BW__)
+  if (paired(g)) {
+    const __m512i m = _mm512_set1_epi16(15);
+    __m512 f = _mm512_setzero_ps();
+    for (int64_t j = 0; j < G; j++) {
+      /* the group's -c * sum(a) starts in lane 0, so its sum stays an exact integer */
+      __m512i i = _mm512_zextsi128_si512(_mm_cvtsi32_si128(-c[j] * asum[j]));
+      for (int64_t k = j * g; k < (j + 1) * g; k += 128) {
+        __m512i b = _mm512_loadu_si512(p + k / 2);
+        const int16_t *x = a + k;
+#if defined(__AVX512VNNI__)
+#define MADD(acc, u, v) _mm512_dpwssd_epi32(acc, u, v)
+#else
+#define MADD(acc, u, v) _mm512_add_epi32(acc, _mm512_madd_epi16(u, v))
+#endif
+        i = MADD(i, _mm512_and_si512(b, m), _mm512_loadu_si512(x));
+        i = MADD(i, _mm512_and_si512(_mm512_srli_epi16(b, 4), m), _mm512_loadu_si512(x + 32));
+        i = MADD(i, _mm512_and_si512(_mm512_srli_epi16(b, 8), m), _mm512_loadu_si512(x + 64));
+        i = MADD(i, _mm512_srli_epi16(b, 12), _mm512_loadu_si512(x + 96));
+      }
+      f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_set1_ps(s[j] * t[j]), f);
+    }
+    return _mm512_reduce_add_ps(f);
+  }
+#endif
+#if defined(__AVX2__)
+  const __m256i m = _mm256_set1_epi16(15);
+  __m256 f = _mm256_setzero_ps();
+  for (int64_t j = 0; j < G; j++) {
+    __m256i i = _mm256_zextsi128_si256(_mm_cvtsi32_si128(-c[j] * asum[j]));
+    for (int64_t k = j * g; k < (j + 1) * g; k += 64) {
+      __m256i b = _mm256_loadu_si256((const __m256i *)(p + k / 2));
+      const __m256i *x = (const __m256i *)(a + k);
+#define MADD2(u, q) i = _mm256_add_epi32(i, _mm256_madd_epi16(u, _mm256_loadu_si256(x + q)))
+      MADD2(_mm256_and_si256(b, m), 0);
+      MADD2(_mm256_and_si256(_mm256_srli_epi16(b, 4), m), 1);
+      MADD2(_mm256_and_si256(_mm256_srli_epi16(b, 8), m), 2);
+      MADD2(_mm256_srli_epi16(b, 12), 3);
+    }
+    f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s[j] * t[j]), f);
+  }
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+#else
+  float acc = 0.f;
+  for (int64_t j = 0; j < G; j++) {
+    int32_t i = -c[j] * asum[j];
+    for (int64_t k = j * g; k < (j + 1) * g; k += 64)
+      for (int64_t l = 0; l < 16; l++) {
+        uint32_t lane = p[k / 2 + 2 * l] | (uint32_t)p[k / 2 + 2 * l + 1] << 8;
+        for (int r = 0; r < 4; r++) i += (int32_t)((lane >> (4 * r)) & 15) * a[k + 16 * r + l];
+      }
+    acc += s[j] * t[j] * (float)i;
+  }
+  return acc;
+#endif
+}
+
+/* the widest integer vector path compiled in: 512, 256 (AVX2) or 0 (plain C, ~10x slower) */
+int int4_vector_bits(void) {
+#if defined(__AVX512BW__)
+  return 512;
+#elif defined(__AVX2__)
+  return 256;
+#else
+  return 0;
+#endif
+}
+
+/* y[m, n] = x[m] . dequantized row n: packed [N, K/2], s float32 and c int32 [N, K/g] */
+void int4_gemv(int64_t M, int64_t N, int64_t K, int64_t g, const float *x, const uint8_t *packed,
+               const float *s, const int32_t *c, float *y) {
+  int64_t G = K / g;
+  int16_t *a = malloc(M * K * sizeof(int16_t));
+  float *t = malloc(M * G * sizeof(float));
+  int32_t *asum = malloc(M * G * sizeof(int32_t));
+  for (int64_t m = 0; m < M; m++) quantize_inputs(K, g, x + m * K, a + m * K, t + m * G, asum + m * G);
+  for (int64_t n = 0; n < N; n++)
+    for (int64_t m = 0; m < M; m++)
+      y[m * N + n] = int4_row_dot(packed + n * (K / 2), a + m * K, t + m * G, asum + m * G,
+                                  s + n * G, c + n * G, K, g);
+  free(a);
+  free(t);
+  free(asum);
+}
+"""
+
+# reassociation lets the compiler vectorize the float32 dot products (a different summation
+# order: float32 rounding, ~K * 2^-24 relative, far below the bf16 bounds the tests hold)
+FLAGS = ["-O3", "-shared", "-fPIC", "-fno-math-errno", "-fno-trapping-math", "-fassociative-math",
+         "-fno-signed-zeros"]
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+@functools.cache
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built once per source, compiler and CPU; None where they cannot be
+    built (no compiler) or are turned off (LOWBIT_NO_C_KERNELS=1)."""
+    if os.environ.get("LOWBIT_NO_C_KERNELS") == "1":
+        return None
+    cc = os.environ.get("CC", "cc")
+    # -march=native by default; LOWBIT_KERNEL_MARCH=x86-64-v3 (AVX2) or x86-64 (no vector ISA
+    # beyond SSE2) builds the code another CPU would run, so one machine tests every path
+    march = os.environ.get("LOWBIT_KERNEL_MARCH", "native")
+    key = hashlib.sha256("\0".join([SOURCE, cc, *FLAGS, march, platform.machine(), _cpu_flags()]).encode())
+    root = Path(os.environ.get("LOWBIT_KERNEL_CACHE", Path.home() / ".cache" / "lowbit" / "kernels"))
+    so = root / f"lowbit-kernels-{key.hexdigest()[:16]}.so"
+    if not so.is_file():
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=root) as tmp:
+                src, out = Path(tmp) / "k.c", Path(tmp) / "k.so"
+                src.write_text(SOURCE)
+                for arch in ([f"-march={march}"], []):  # some compilers (or CPUs) take no -march=native
+                    done = subprocess.run([cc, *FLAGS, *arch, str(src), "-o", str(out)],
+                                          capture_output=True).returncode == 0
+                    if done:
+                        break
+                if not done:
+                    return None
+                os.replace(out, so)  # atomic: a concurrent build finds a whole file or none
+        except OSError:  # no compiler, or a read-only cache
+            return None
+    lib = ctypes.CDLL(str(so))
+    i64, ptr = ctypes.c_int64, ctypes.c_void_p
+    lib.fp8_gemv.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr]
+    lib.fp4_gemv.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr]
+    lib.fp8_to_bf16.argtypes = [i64, i64, ptr, ptr, ptr]
+    lib.fp8_to_f32.argtypes = [i64, ptr, ptr, ptr]
+    lib.fp4_to_bf16.argtypes = [i64, i64, ptr, ptr, ptr, i64, ptr]
+    lib.bf16_gemv.argtypes = [i64, i64, i64, ptr, ptr, ptr]
+    lib.int4_gemv.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
+    lib.int4_vector_bits.restype = ctypes.c_int
+    return lib
