@@ -87,6 +87,14 @@ def test_int4_kernels_match_the_exact_product(group, symmetric, fast):
     bound = int16_input_bound if kernel == "int4-c" else bf16_input_bound
     for x in (torch.randn(1, 3 * group), torch.randn(2, 5, 3 * group)):
         check(linear, x, q, bound(x, q))
+    if kernel == "int4-c":  # the documented layout, read back
+        from lowbit.runtime import kernels_cpu as K
+
+        assert torch.equal(K.int4_c_unpack(linear.weight_packed), (q.codes + 8).to(torch.uint8))
+        for dtype in (torch.float32, torch.bfloat16):  # the dense weights: the reference's, rounded once
+            want = exact(q)[0].to(dtype)
+            assert torch.equal(K.int4_c_dense(linear.weight_packed, linear.weight_scale,
+                                              linear.weight_offset, group, dtype), want)
     if fast:  # torch's int4pack, the kernel where the C library is not built
         torch_kernel = Int4Linear(q, torch.float32, c=False)
         assert torch_kernel.kernel == "int4pack"
@@ -94,8 +102,8 @@ def test_int4_kernels_match_the_exact_product(group, symmetric, fast):
             check(torch_kernel, x, q, bf16_input_bound(x, q))
     if not fast:  # the fallback computes exactly what the reference path loads
         x = torch.randn(7, 3 * group)
-        exact = dataclasses.replace(q, scale=q.scale.float())  # 16-bit scales: float32 products
-        assert torch.equal(linear(x), torch.nn.functional.linear(x, exact.dequantize()))
+        wide = dataclasses.replace(q, scale=q.scale.float())  # 16-bit scales: float32 products
+        assert torch.equal(linear(x), torch.nn.functional.linear(x, wide.dequantize()))
 
 
 def test_int4_rows_the_kernel_cannot_pack_fall_back():
@@ -229,7 +237,7 @@ def test_prefill_sized_inputs_take_the_dense_gemm(group, symmetric, c, monkeypat
     kernel = int4_kernel(3 * group, group) if c else "int4pack"
     assert linear.kernel == kernel and linear.dense_from == K.DENSE_ROWS["int4"]
     calls = []
-    name = "int4_c_unpack" if kernel == "int4-c" else "int4_dense_weight"
+    name = "int4_c_dense" if kernel == "int4-c" else "int4_dense_weight"
     unpack = getattr(K, name)
     monkeypatch.setattr(K, name, lambda *a: calls.append(1) or unpack(*a))
     rows = linear.dense_from

@@ -328,6 +328,35 @@ static float int4_row_dot(const uint8_t *p, const int16_t *a, const float *t, co
 #endif
 }
 
+/* out [N, K] = s * (u - c), the reference path's float32 weights, as float32 or rounded to
+   the nearest bf16 (ties to even; these are finite): a prefill-sized call's dense GEMM */
+void int4_dequant(int64_t N, int64_t K, int64_t g, const uint8_t *packed, const float *s,
+                  const int32_t *c, int bf16, void *out) {
+  float *row = malloc(K * sizeof(float));
+  for (int64_t n = 0; n < N; n++) {
+    const uint8_t *p = packed + n * (K / 2);
+    for (int64_t k = 0; k < K; k += 64)
+      for (int64_t l = 0; l < 16; l++) {
+        uint32_t lane = p[k / 2 + 2 * l] | (uint32_t)p[k / 2 + 2 * l + 1] << 8;
+        for (int r = 0; r < 4; r++) {
+          int64_t col = k + 16 * r + l, j = n * (K / g) + col / g;
+          row[col] = s[j] * (float)((int32_t)((lane >> (4 * r)) & 15) - c[j]);
+        }
+      }
+    if (bf16) {
+      uint16_t *o = (uint16_t *)out + n * K;
+      for (int64_t k = 0; k < K; k++) {
+        uint32_t u;
+        memcpy(&u, row + k, 4);
+        o[k] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+      }
+    } else {
+      memcpy((float *)out + n * K, row, K * sizeof(float));
+    }
+  }
+  free(row);
+}
+
 /* the widest integer vector path compiled in: 512, 256 (AVX2) or 0 (plain C, ~10x slower) */
 int int4_vector_bits(void) {
 #if defined(__AVX512BW__)
@@ -412,4 +441,5 @@ def library() -> ctypes.CDLL | None:
     lib.bf16_gemv.argtypes = [i64, i64, i64, ptr, ptr, ptr]
     lib.int4_gemv.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
     lib.int4_vector_bits.restype = ctypes.c_int
+    lib.int4_dequant.argtypes = [i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ptr]
     return lib

@@ -157,6 +157,19 @@ def int4_c_unpack(packed: torch.Tensor) -> torch.Tensor:
     return torch.stack([lo & 15, lo >> 4, hi & 15, hi >> 4], 2).reshape(n, 2 * h)
 
 
+def int4_c_dense(packed: torch.Tensor, s: torch.Tensor, c: torch.Tensor, group: int,
+                 dtype: torch.dtype) -> torch.Tensor:
+    """The weights [N, K] in `dtype` (float32 or bf16): s * (u - c) in float32, exact for a
+    16-bit scale (u - c is an integer below 32), rounded once to bf16."""
+    n, k = packed.shape[0], packed.shape[1] * 2
+    if dtype not in (torch.float32, torch.bfloat16):
+        return int4_c_dense(packed, s, c, group, torch.float32).to(dtype)
+    w = torch.empty(n, k, dtype=dtype)
+    library().int4_dequant(n, k, group, packed.data_ptr(), s.data_ptr(), c.data_ptr(),
+                           int(dtype == torch.bfloat16), w.data_ptr())
+    return w
+
+
 @torch.library.custom_op("lowbit::int4_gemv", mutates_args=())
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, s: torch.Tensor, c: torch.Tensor,
               group: int) -> torch.Tensor:
@@ -182,10 +195,7 @@ def int4_c_mm(x: torch.Tensor, packed: torch.Tensor, s: torch.Tensor, c: torch.T
     (the reference path's weights: u - c is a small integer, so one rounding, to `dtype`)."""
     flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] >= dense_from:
-        n, k = packed.shape[0], packed.shape[1] * 2
-        u = int4_c_unpack(packed).view(n, k // group, group)
-        w = ((u - c.unsqueeze(-1)).float() * s.unsqueeze(-1)).view(n, k).to(dtype)
-        y = torch.nn.functional.linear(flat.to(dtype), w)
+        y = torch.nn.functional.linear(flat.to(dtype), int4_c_dense(packed, s, c, group, dtype))
     else:
         y = int4_gemv(flat, packed, s, c, group)
     y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
