@@ -349,6 +349,12 @@ w = torch.randn(37, 200).bfloat16()
 x = torch.randn(2, 200)
 err = (K.bf16_gemv(x, w).double() - x.double() @ w.double().T).abs()
 ok.append(bool((err <= 200 * 2.0**-23 * (x.double().abs() @ w.double().abs().T) + 1e-6).all()))
+from lowbit.runtime import kernels_fp as F
+codes = (torch.randn(21, 203) * 40).clamp(-448, 448).to(torch.float8_e4m3fn)
+codes[0, :4] = torch.tensor([2.0**-9, -(2.0**-8), 3 * 2.0**-9, -448])  # subnormals, the extremes
+x = torch.randn(2, 203)
+err = (F.fp8_gemv(x, codes).double() - x.double() @ codes.double().T).abs()
+ok.append(bool((err <= 203 * 2.0**-23 * (x.double().abs() @ codes.double().abs().T) + 1e-6).all()))
 print(library().int4_vector_bits(), all(ok))
 """
 
@@ -357,8 +363,8 @@ print(library().int4_vector_bits(), all(ok))
 @pytest.mark.parametrize("march, bits", [("x86-64-v3", 256), ("x86-64", 0)])
 def test_the_c_kernels_built_for_other_cpus_are_exact_too(march, bits, tmp_path):
     """The AVX2 and plain-C code of clib.py (what an AVX2-only or older CPU compiles) built here
-    with -march=x86-64-v3 / x86-64: the INT4 kernel within its int16 input bound and the bf16
-    rows within float32 accumulation, as on this machine's own build."""
+    with -march=x86-64-v3 / x86-64: the INT4 kernel within its int16 input bound, the bf16 and
+    FP8 rows within float32 accumulation, as on this machine's own build."""
     env = {**os.environ, "LOWBIT_KERNEL_MARCH": march, "LOWBIT_KERNEL_CACHE": str(tmp_path)}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = subprocess.run([sys.executable, "-c", C_PATHS, root], env=env, capture_output=True,

@@ -76,50 +76,102 @@ static void fp4_row(const uint8_t *p, int64_t H, const float *lut16, const float
   }
 }
 
-/* four independent accumulators: one would wait on each FMA's latency (4 cycles) */
-static float dot(const float *a, const float *b, int64_t n) {
-  int64_t i = 0;
+/* x . values of E4M3 bytes c, the conversion fused into the dot product (no row written out
+   and read back): each byte becomes an FP16 with its bits shifted (fp8_row's trick: the value
+   / 256, subnormals included) and widened to float32 by the F16C / AVX512 instruction; the sum
+   is scaled back by 256 (exact) at the end. Four accumulators: one would wait on each FMA's
+   latency (4 cycles). */
+static float fp8_dot(const float *x, const uint8_t *c, int64_t K, const float *lut) {
+  int64_t k = 0;
   float acc = 0.f;
 #if defined(__AVX512F__)
+  const __m256i mask = _mm256_set1_epi16((short)0xBF80);
   __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-  for (; i + 64 <= n; i += 64) {
-    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
-    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 16), _mm512_loadu_ps(b + i + 16), s1);
-    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 32), _mm512_loadu_ps(b + i + 32), s2);
-    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i + 48), _mm512_loadu_ps(b + i + 48), s3);
+#define F16(o) _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16( \
+    _mm_loadu_si128((const __m128i *)(c + k + (o)))), 7), mask))
+  for (; k + 64 <= K; k += 64) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), F16(0), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), F16(16), s1);
+    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), F16(32), s2);
+    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), F16(48), s3);
   }
-  for (; i + 16 <= n; i += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + i), _mm512_loadu_ps(b + i), s0);
-  acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+  for (; k + 16 <= K; k += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), F16(0), s0);
+  acc = 256.f * _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+#elif defined(__AVX2__) && defined(__F16C__)
+  const __m128i mask = _mm_set1_epi16((short)0xBF80);
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+#define F8(o) _mm256_cvtph_ps(_mm_and_si128(_mm_slli_epi16(_mm_cvtepi8_epi16( \
+    _mm_loadl_epi64((const __m128i *)(c + k + (o)))), 7), mask))
+  for (; k + 32 <= K; k += 32) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), F8(0), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), F8(8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), F8(16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), F8(24), s3);
+  }
+  for (; k + 8 <= K; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), F8(0), s0);
+  __m256 t = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  acc = 256.f * _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
 #endif
-  for (; i < n; i++) acc += a[i] * b[i];
+  for (; k < K; k++) acc += x[k] * lut[c[k]];
   return acc;
 }
 
 /* y[m, n] = sum_k x[m, k] * value(codes[n, k]) */
 void fp8_gemv(int64_t M, int64_t N, int64_t K, const float *x, const uint8_t *codes,
               const float *lut, float *y) {
-  float *w = malloc(K * sizeof(float));
-  for (int64_t n = 0; n < N; n++) {
-    fp8_row(codes + n * K, K, lut, w);
-    for (int64_t m = 0; m < M; m++) y[m * N + n] = dot(x + m * K, w, K);
-  }
-  free(w);
+  for (int64_t n = 0; n < N; n++)
+    for (int64_t m = 0; m < M; m++) y[m * N + n] = fp8_dot(x + m * K, codes + n * K, K, lut);
 }
 
 /* y[m, n] = sum_k x[m, k] * e2m1(n, k) * scale[n, k / group]; packed [N, K/2], scale
    [N, K/group] float32, xe / xo the even / odd columns of x, [M, K/2] each */
+/* xe . even and xo . odd columns of one FP4 row (bytes p[0..H), group scales s, hg bytes a
+   group), fused as fp8_dot is: the codes' values from a register table, times the group scale
+   after the pair's sum. Scalar fallback as fp4_row. */
+static float fp4_dot(const float *xe, const float *xo, const uint8_t *p, int64_t H,
+                     const float *lut16, const float *s, int64_t hg) {
+  int64_t j = 0;
+  float acc = 0.f;
+#if defined(__AVX512F__)
+  if (hg == 8 || hg % 16 == 0) {
+    const __m512 table = _mm512_loadu_ps(lut16);
+    const __m512i low = _mm512_set1_epi32(15);
+    const __m512i pairs = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+    for (; j + 32 <= H; j += 32) {
+#define FP4_STEP(o, acc)                                                                       \
+      {                                                                                       \
+        __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + j + (o))));    \
+        __m512 sv = hg == 8 ? _mm512_permutexvar_ps(pairs, _mm512_maskz_loadu_ps(3, s + (j + (o)) / 8)) \
+                            : _mm512_set1_ps(s[(j + (o)) / hg]);                               \
+        __m512 t = _mm512_mul_ps(_mm512_loadu_ps(xe + j + (o)),                                 \
+                                 _mm512_permutexvar_ps(_mm512_and_si512(b, low), table));      \
+        t = _mm512_fmadd_ps(_mm512_loadu_ps(xo + j + (o)),                                      \
+                            _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table), t);         \
+        acc = _mm512_fmadd_ps(t, sv, acc);                                                     \
+      }
+      FP4_STEP(0, a0)
+      FP4_STEP(16, a1)
+    }
+    for (; j + 16 <= H; j += 16) FP4_STEP(0, a0)
+    acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
+  }
+#endif
+  for (; j < H; j++)
+    acc += (xe[j] * lut16[p[j] & 15] + xo[j] * lut16[p[j] >> 4]) * s[j / hg];
+  return acc;
+}
+
 void fp4_gemv(int64_t M, int64_t N, int64_t K, const float *xe, const float *xo,
               const uint8_t *packed, const float *lut16, const float *scale, int64_t group,
               float *y) {
   int64_t H = K / 2;
-  float *we = malloc(H * sizeof(float)), *wo = malloc(H * sizeof(float));
-  for (int64_t n = 0; n < N; n++) {
-    fp4_row(packed + n * H, H, lut16, scale + n * (K / group), group / 2, we, wo);
+  for (int64_t n = 0; n < N; n++)
     for (int64_t m = 0; m < M; m++)
-      y[m * N + n] = dot(xe + m * H, we, H) + dot(xo + m * H, wo, H);
-  }
-  free(we);
-  free(wo);
+      y[m * N + n] = fp4_dot(xe + m * H, xo + m * H, packed + n * H, H, lut16,
+                             scale + n * (K / group), group / 2);
 }
 
 /* out[i] = value of E4M3 byte codes[i] as float32 (FP4 group scales, per call) */

@@ -5,9 +5,9 @@ Why C (measured with bench/cpu_kernels.py, one thread, 576x1536; docs/benchmarks
 2.13 has no fast path for these codes on CPU. `float8_e4m3fn.to(bf16)` runs a scalar loop (6 ms
 for 0.9 M weights, against 0.08 ms for the whole INT4 matmul), `torch._scaled_mm` on CPU took
 49 ms at one row and 13 s at 256, and a 16-entry lookup by tensor indexing 4.6 ms. The C loops
-(runtime/clib.py) turn codes into float32 through a table (256 entries for FP8, 16 for E2M1; the compiler
-vectorizes the lookups as gathers) one weight row at a time, in L1, and take dot products in
-float32: each weight is read once, as the int4pack/int8pack kernels do.
+(runtime/clib.py) turn codes into float32 (FP8: by an FP16 bit shift and the F16C / AVX512
+conversion; E2M1: a 16-entry register table) inside the float32 dot product, so each weight is
+read once and never written back out, as the int4pack/int8pack kernels do.
 - decode (fewer than DENSE_ROWS inputs): `*_gemv`, y = x @ codes.T in float32, scales applied
   per group inside, per channel / per tensor on the output.
 - prefill: `*_to_bf16` writes the weights (codes times group scales: exact in bf16) for one
