@@ -7,10 +7,13 @@ linear against quantizing in torch and `torch._int_mm`, and for FP8 / NVFP4 / MX
 kernels (runtime/kernels_fp.py) against torch's conversions and `torch._scaled_mm`. Then, by
 number of rows, each packed kernel against a dense GEMM on weights dequantized for the call
 (what decides kernels_cpu.DENSE_ROWS and kernels_fp.DENSE_ROWS). Best of 7 runs of 30 calls
-(3 at more than one row), in microseconds. Run it again under an AVX2-only ISA with
+(3 at more than one row), in microseconds. These weights are small enough to stay in the
+caches; `--dram` instead times one decode row per kernel at Llama-3.2-1B shapes with the weights
+read from memory, as in a model's step, with the GB/s each reaches. Run it again under an AVX2-only ISA with
 ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2.
 
     python bench/cpu_kernels.py --threads 1
+    python bench/cpu_kernels.py --dram
 """
 
 from __future__ import annotations
@@ -73,8 +76,10 @@ def candidates(m: int, k: int, n: int) -> dict[str, callable]:
         return torch._scaled_mm(x.clamp(-448, 448).to(torch.float8_e4m3fn), f8.T, torch.tensor(1.0),
                                 torch.tensor(1.0), out_dtype=torch.bfloat16)
 
+    cp = K.int4_c_pack(c4, s4, None)
     return {
         "dense fp32": lambda: torch.nn.functional.linear(x, w),
+        "int4 C kernel (lowbit)": lambda: K.int4_c_mm(x, *cp, 64, K.DENSE_ROWS["int4"], K.dense_dtype()),
         "dense bf16": lambda: torch.nn.functional.linear(xb, wb),
         "int4pack bf16 in": lambda: K.int4_mm(x, packed, so, 64),
         "int4pack fp32 in": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 64, so.float()),
@@ -82,7 +87,7 @@ def candidates(m: int, k: int, n: int) -> dict[str, callable]:
         "int8pack bf16 in": lambda: K.int8_weight_mm(x, c8, s8),
         "int8pack fp32 in": lambda: torch._weight_int8pack_mm(x, c8, s8.float()),
         "int8 dequant/call": lambda: K.dequant_mm(x, c8.reshape(n, 1, k), s8.reshape(n, 1, 1), None),
-        "W8A8 fbgemm": lambda: K.int8_dynamic_mm(x, fb, not torch.cpu._is_vnni_supported()),
+        "W8A8 fbgemm": lambda: K.int8_dynamic_mm(x, fb, n, not torch.cpu._is_vnni_supported()),
         "W8A8 torch._int_mm": int_mm,
         "fp8 C kernel (lowbit)": lambda: F.fp8_mm(x, f8, s8.float(), F.DENSE_ROWS, torch.bfloat16),
         "fp8 torch .to(bf16)/call": lambda: torch.nn.functional.linear(xb, f8.to(torch.bfloat16)) * s8,
@@ -108,7 +113,10 @@ def crossover(m: int, k: int, n: int) -> dict[str, callable]:
     e2m1 = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
     p4 = pack_fp4(e2m1[torch.randint(0, 16, (n, k), generator=g)].to(torch.float8_e4m3fn))
     nv = (torch.rand(n, k // 16, generator=g) * 400).to(torch.float8_e4m3fn)
+    cp, cs, cc = K.int4_c_pack(c4, (torch.rand(n, k // 64, generator=g) / 50).bfloat16(), None)
     return {
+        "int4 C row kernel": lambda: K.int4_c_mm(x, cp, cs, cc, 64),
+        f"int4 C dense {str(dense)[6:]}/call": lambda: K.int4_c_mm(x, cp, cs, cc, 64, 1, dense),
         "int4pack": lambda: K.int4_mm(x, packed, so, 64),
         f"int4 dense {str(dense)[6:]}/call": lambda: K.int4_mm(x, packed, so, 64, 1, dense),
         "int8pack": lambda: K.int8_weight_mm(x, c8, s8),
@@ -130,8 +138,62 @@ def dense_single_row(m: int, k: int, n: int) -> dict[str, callable]:
         "fp32 F.linear": lambda: torch.nn.functional.linear(x, w),
         "fp32 mv (lowbit)": lambda: K.dense_mm(x, w),
         "bf16 F.linear": lambda: torch.nn.functional.linear(xb, wb),
-        "bf16 mv (lowbit)": lambda: K.dense_mm(xb, wb),
+        "bf16 torch.mv": lambda: K.dense_mm(xb, wb),
+        "bf16 C row kernel (lowbit)": lambda: K.dense_mm(xb, wb, c_gemv=True),
     }
+
+
+def from_dram(k: int, n: int, copies: int) -> dict[str, callable]:
+    """One decode row (1 x K -> N) per kernel, each call on the next of `copies` weight copies
+    (together well past the L3), so the weights come from DRAM as in a model's step."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, k, generator=g)
+    xb = x.bfloat16()
+    s4 = (torch.rand(n, k // 128, generator=g) / 50).bfloat16()
+    s8 = (torch.rand(n, generator=g) / 50).bfloat16()
+    sets = []
+    for _ in range(copies):
+        c4 = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+        c8 = torch.randint(-127, 128, (n, k), dtype=torch.int8, generator=g)
+        e2m1 = torch.tensor([0, .5, 1, 1.5, 2, 3, 4, 6, -0., -.5, -1, -1.5, -2, -3, -4, -6])
+        sets.append(dict(
+            c=K.int4_c_pack(c4, s4, None), tp=K.int4_pack(c4, s4, None), c8=c8,
+            fb=K.int8_dynamic_pack(c8, s8.float()),
+            f8=(torch.randn(n, k, generator=g) * 40).clamp(-448, 448).to(torch.float8_e4m3fn),
+            p4=pack_fp4(e2m1[torch.randint(0, 16, (n, k), generator=g)].to(torch.float8_e4m3fn)),
+            bf=torch.randn(n, k, generator=g).bfloat16()))
+    nv = (torch.rand(n, k // 16, generator=g) * 400).to(torch.float8_e4m3fn)
+    vnni = torch.cpu._is_vnni_supported()
+    calls = {
+        "int4 C row kernel (g128)": (lambda d: K.int4_c_mm(x, *d["c"], 128), 0.5),
+        "int4pack bf16 in (g128)": (lambda d: K.int4_mm(x, *d["tp"], 128), 0.5),
+        "int8pack bf16 in": (lambda d: K.int8_weight_mm(x, d["c8"], s8), 1),
+        "W8A8 fbgemm": (lambda d: K.int8_dynamic_mm(x, d["fb"], n, not vnni), 1),
+        "fp8 C row kernel": (lambda d: F.fp8_mm(x, d["f8"], s8.float(), 1 << 62, torch.float32), 1),
+        "nvfp4 C row kernel": (lambda d: F.fp4_mm(x, d["p4"], nv, "e4m3", 16, None, 1 << 62, torch.float32), 0.5),
+        "bf16 torch.mv": (lambda d: K.dense_mm(xb, d["bf"]), 2),
+        "bf16 C row kernel": (lambda d: K.dense_mm(xb, d["bf"], c_gemv=True), 2),
+    }
+    out = {}
+    for name, (f, bytes_per_weight) in calls.items():
+        def run(f=f):
+            for d in sets:
+                f(d)
+        out[name] = (run, bytes_per_weight * n * k * copies)
+    return out
+
+
+def print_dram(shapes, copies: int) -> None:
+    print(f"Decode rows from DRAM ({copies} weight copies cycled), ms per call and GB/s of weights\n")
+    print("| kernel | " + " | ".join(f"1x{k}->{n}" for k, n in shapes) + " |\n" + "|---" * (len(shapes) + 1) + "|")
+    table = {}
+    for k, n in shapes:
+        for name, (run, nbytes) in from_dram(k, n, copies).items():
+            t = micros(run, calls=1, runs=5) / 1e6
+            table.setdefault(name, []).append(f"{t / copies * 1e3:.3f} ({nbytes / t / 1e9:.1f})")
+    for name, cells in table.items():
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print()
 
 
 def print_table(title: str, shapes, make) -> None:
@@ -151,9 +213,16 @@ def print_table(title: str, shapes, make) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--dram", action="store_true", help="only the decode rows from DRAM at "
+                    "Llama-3.2-1B shapes (2048->8192, 8192->2048, 2048->2048)")
+    ap.add_argument("--copies", type=int, default=8, help="weight copies cycled with --dram")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     warnings.simplefilter("ignore")
+    if a.dram:
+        print(f"CPU ISA {cpu_isa()}, {a.threads} thread(s)\n")
+        print_dram([(2048, 8192), (8192, 2048), (2048, 2048)], a.copies)
+        return
     shapes = [(1, 576, 1536), (1, 1536, 576), (1, 576, 576), (256, 576, 1536)]
     print(f"CPU ISA {cpu_isa()}, {a.threads} thread(s); microseconds per call (M x K -> N)\n")
     print_table("Kernels per format", shapes, candidates)

@@ -250,3 +250,29 @@ def test_a_compiled_decode_step_generates_what_the_eager_one_does(tiny_dir, data
             model(input_ids=torch.tensor([list(range(5, 25))]), position_ids=torch.arange(20)[None], **kw)
             logits.append(f(input_ids=torch.tensor([[30]]), position_ids=torch.tensor([[20]]), **kw).logits)
     torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_decode_attention_matches_a_float64_reference():
+    """compiled.py's one-token GQA attention (query heads packed per KV head) against softmax
+    attention written here in float64, with the KV heads repeated per query head and a mask
+    that hides the cache's unfilled tail; other shapes go to transformers' SDPA unchanged."""
+    from types import SimpleNamespace
+
+    from lowbit.runtime.compiled import _decode_sdpa
+
+    g = torch.Generator().manual_seed(0)
+    heads, kv, d, length, filled = 8, 2, 16, 24, 17
+    q, k, v = (torch.randn(1, h, n, d, generator=g) for h, n in ((heads, 1), (kv, length), (kv, length)))
+    mask = (torch.arange(length) < filled).reshape(1, 1, 1, length)
+    module = SimpleNamespace(num_key_value_groups=heads // kv, is_causal=True, training=False)
+    out, _ = _decode_sdpa(module, q, k, v, mask, scaling=0.25)
+    kr, vr = (t.double().repeat_interleave(heads // kv, 1) for t in (k, v))
+    scores = (q.double() @ kr.transpose(2, 3) * 0.25).masked_fill(~mask, float("-inf"))
+    want = (scores.softmax(-1) @ vr).transpose(1, 2)  # [1, 1, heads, d], as attention returns
+    assert out.shape == want.shape
+    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
+    prefill = torch.randn(1, heads, 3, d, generator=g)  # several queries: not packed, same result
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.testing.assert_close(_decode_sdpa(module, prefill, k, v, None)[0],
+                               sdpa_attention_forward(module, prefill, k, v, None)[0])

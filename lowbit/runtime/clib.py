@@ -386,15 +386,15 @@ void int4_dequant(int64_t N, int64_t K, int64_t g, const uint8_t *packed, const 
                   const int32_t *c, int bf16, void *out) {
   float *row = malloc(K * sizeof(float));
   for (int64_t n = 0; n < N; n++) {
-    const uint8_t *p = packed + n * (K / 2);
-    for (int64_t k = 0; k < K; k += 64)
-      for (int64_t l = 0; l < 16; l++) {
-        uint32_t lane = p[k / 2 + 2 * l] | (uint32_t)p[k / 2 + 2 * l + 1] << 8;
-        for (int r = 0; r < 4; r++) {
-          int64_t col = k + 16 * r + l, j = n * (K / g) + col / g;
-          row[col] = s[j] * (float)((int32_t)((lane >> (4 * r)) & 15) - c[j]);
-        }
-      }
+    const uint16_t *p = (const uint16_t *)(packed + n * (K / 2));  /* little-endian lanes */
+    for (int64_t j = 0; j < K / g; j++) {
+      float sj = s[n * (K / g) + j];
+      int32_t cj = c[n * (K / g) + j];
+      for (int64_t k = j * g; k < (j + 1) * g; k += 64)  /* the inner loop vectorizes over l */
+        for (int r = 0; r < 4; r++)
+          for (int64_t l = 0; l < 16; l++)
+            row[k + 16 * r + l] = sj * (float)((int32_t)((p[k / 4 + l] >> (4 * r)) & 15) - cj);
+    }
     if (bf16) {
       uint16_t *o = (uint16_t *)out + n * K;
       for (int64_t k = 0; k < K; k++) {

@@ -33,6 +33,42 @@ def cache_len(model: nn.Module, needed: int) -> int:
     return max(needed, min(-(-needed // BUCKET) * BUCKET, limit))
 
 
+def _decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """transformers' SDPA attention, except that a one-token step of grouped-query attention
+    runs as [kv_heads, queries per kv head] rows (its `pack_gqa`) under torch.compile too.
+    transformers packs only when not compiling, and otherwise repeats the keys and values per
+    query head: torch's CPU flash kernel then took 1.9 ms a layer for Llama-3.2-1B's 32 one-row
+    heads over a 512-position cache, against 0.26 ms packed (a third of a compiled 1B step)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    rep = getattr(module, "num_key_value_groups", 1)
+    if query.shape[2] != 1 or rep == 1 or kwargs.get("position_bias") is not None \
+            or (attention_mask is not None and attention_mask.shape[1] != 1):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                      scaling=scaling, **kwargs)
+    b, heads, _, d = query.shape
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(b, heads // rep, rep, d), key, value, attn_mask=attention_mask,
+        dropout_p=dropout, scale=scaling)
+    return out.reshape(out.shape[0], heads, 1, value.shape[-1]).transpose(1, 2).contiguous(), None
+
+
+def _pack_gqa(model: nn.Module) -> None:
+    """Route the model's SDPA attention through _decode_sdpa (eager steps compute the same: the
+    packing is transformers' own), directly or under lowbit's KV-cache seam (attention.py)."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    ALL_ATTENTION_FUNCTIONS.register("lowbit_sdpa", _decode_sdpa)
+    ALL_MASK_ATTENTION_FUNCTIONS.register("lowbit_sdpa", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    for m in model.modules():
+        config = m.__dict__.get("config")
+        if config is not None and getattr(config, "_attn_implementation", None) == "sdpa":
+            config._attn_implementation = "lowbit_sdpa"
+        if m.__dict__.get("_lowbit_kv_inner") == "sdpa":
+            m.__dict__["_lowbit_kv_inner"] = "lowbit_sdpa"
+
+
 def decode_step(model: nn.Module, length: int):
     """model's forward compiled for the one-token step over a cache of `length` positions, and
     the seconds spent compiling it now (0.0 when an earlier request did). The graph is made by
@@ -44,6 +80,7 @@ def decode_step(model: nn.Module, length: int):
 
     state = model.__dict__.setdefault("_lowbit_compiled", {"step": None, "lengths": set()})
     if state["step"] is None:  # set in __dict__: an nn.Module attribute would register it
+        _pack_gqa(model)
         state["step"] = torch.compile(model, dynamic=False)
     if length in state["lengths"]:
         return state["step"], 0.0
