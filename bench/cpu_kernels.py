@@ -79,7 +79,7 @@ def candidates(m: int, k: int, n: int) -> dict[str, callable]:
     cp = K.int4_c_pack(c4, s4, None)
     return {
         "dense fp32": lambda: torch.nn.functional.linear(x, w),
-        "int4 C kernel (lowbit)": lambda: K.int4_c_mm(x, *cp, 64, K.DENSE_ROWS["int4"], K.dense_dtype()),
+        "int4 C kernel (lowbit)": lambda: K.int4_c_mm(x, *cp, 64, K.DENSE_ROWS["int4-c"], K.dense_dtype()),
         "dense bf16": lambda: torch.nn.functional.linear(xb, wb),
         "int4pack bf16 in": lambda: K.int4_mm(x, packed, so, 64),
         "int4pack fp32 in": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, 64, so.float()),

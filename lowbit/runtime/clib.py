@@ -30,6 +30,14 @@ SOURCE = r"""
 #include <immintrin.h>
 #endif
 
+#if defined(__AVX2__)
+static inline float hsum256(__m256 v) {  /* the sum of a register's eight floats */
+  __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+}
+#endif
+
 /* ---- FP8 (E4M3) and FP4 (E2M1) weights, runtime/kernels_fp.py ---- */
 
 /* One weight row as float32 values. FP8: w[k] = value of E4M3 byte c[k]. AVX512 makes each
@@ -109,10 +117,7 @@ static float fp8_dot(const float *x, const uint8_t *c, int64_t K, const float *l
     s3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), F8(24), s3);
   }
   for (; k + 8 <= K; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), F8(0), s0);
-  __m256 t = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps(t, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  acc = 256.f * _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+  acc = 256.f * hsum256(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
 #endif
   for (; k < K; k++) acc += x[k] * lut[c[k]];
   return acc;
@@ -276,10 +281,7 @@ static float bf16_dot(const float *x, const uint16_t *w, int64_t K) {
     s3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), W8(24), s3);
   }
   for (; k + 8 <= K; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), W8(0), s0);
-  __m256 s = _mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3));
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  acc = _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+  acc = hsum256(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
 #endif
   for (; k < K; k++) {
     uint32_t u = (uint32_t)w[k] << 16;
@@ -428,9 +430,7 @@ static float int4_row_dot(const uint8_t *p, const int16_t *a, const float *t, co
     }
     f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s[j] * t[j]), f);
   }
-  __m128 h = _mm_add_ps(_mm256_castps256_ps128(f), _mm256_extractf128_ps(f, 1));
-  h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-  return _mm_cvtss_f32(_mm_add_ss(h, _mm_shuffle_ps(h, h, 1)));
+  return hsum256(f);
 #else
   float acc = 0.f;
   for (int64_t j = 0; j < G; j++) {

@@ -2,6 +2,10 @@
 
 Chosen by measurement (bench/cpu_kernels.py, one thread, SmolLM2 shapes; the tables, on this
 session's Sapphire Rapids and on the same CPU restricted to AVX2, are in docs/benchmarks.md):
+- INT4 groups of 64-512: lowbit's C kernel (int4_c_mm below, clib.py), integer dot products on
+  int16 inputs, 1.3-1.5x torch's int4pack reading from DRAM at Llama-3.2-1B shapes (bench/
+  cpu_kernels.py --dram, AMD EPYC AVX512, one thread); group 32 and machines without the C
+  library take int4pack:
 - INT4 groups: torch's `_weight_int4pack_mm_for_cpu` is vectorized (AVX2 and AVX512) only for
   bf16 activations; with float32 ones it runs a scalar loop ~50x slower. So activations go in as
   bf16 whatever the compute dtype: at batch 1 it beats the dense bf16 and float32 layers and
@@ -99,7 +103,9 @@ def int4_dense_weight(packed: torch.Tensor, scale_offset: torch.Tensor, group: i
 
 # rows from which a dense GEMM on weights dequantized for the call beats the packed kernel:
 # measured crossovers with bench/cpu_kernels.py on SmolLM2 shapes (docs/benchmarks.md)
-DENSE_ROWS = {"int4": 64, "int8": 16}
+# (torch's int4pack: 64; lowbit's C INT4 kernel: 8, where it cost 289 us against 250 for the
+# dense bf16 GEMM at 8 rows of 576->1536 and 155 against 215 at 4, AMD EPYC AVX512-BF16)
+DENSE_ROWS = {"int4": 64, "int4-c": 8, "int8": 16}
 NEVER = 1 << 62  # no dense path (a layout the unpacker does not know, or forced off)
 
 

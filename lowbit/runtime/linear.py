@@ -53,7 +53,7 @@ class Int4Linear(_Packed):
             self.register_buffer("weight_packed", packed)
             self.register_buffer("weight_scale", s)
             self.register_buffer("weight_offset", c)
-            self.dense_from = K.DENSE_ROWS["int4"] if dense else K.NEVER
+            self.dense_from = K.DENSE_ROWS["int4-c"] if dense else K.NEVER
             self._mm = partial(K.int4_c_mm, packed=packed, s=s, c=c, group=g,
                                dense_from=self.dense_from, dtype=K.dense_dtype())
         elif fast and K.int4_supported(self.out_features, self.in_features, g):
