@@ -363,7 +363,7 @@ print(library().int4_vector_bits(), all(ok))
 @pytest.mark.skipif(F.library() is None or os.uname().machine != "x86_64", reason="x86-64 C builds")
 @pytest.mark.parametrize("march, bits", [("native", None), ("x86-64-v3", 256), ("x86-64", 0)])
 def test_the_c_kernels_built_for_other_cpus_are_exact_too(march, bits, tmp_path):
-    """clib.py built for this CPU and, with -march=x86-64-v3 / x86-64, as an AVX2-only or older
+    """kernels.c built for this CPU and, with -march=x86-64-v3 / x86-64, as an AVX2-only or older
     CPU builds it: the INT4 kernel within its int16 input bound, the bf16 and FP8 rows (short
     and long, whose AVX512 loop takes four rows at a time) within float32 accumulation."""
     if bits is None:

@@ -2,7 +2,7 @@
 
 Chosen by measurement (bench/cpu_kernels.py, one thread, SmolLM2 shapes; the tables, on this
 session's Sapphire Rapids and on the same CPU restricted to AVX2, are in docs/benchmarks.md):
-- INT4 groups of 64-512: lowbit's C kernel (int4_c_mm below, clib.py), integer dot products on
+- INT4 groups of 64-512: lowbit's C kernel (int4_c_mm below, kernels.c), integer dot products on
   int16 inputs, 1.3-1.5x torch's int4pack reading from DRAM at Llama-3.2-1B shapes (bench/
   cpu_kernels.py --dram, AMD EPYC AVX512, one thread); group 32 and machines without the C
   library take int4pack:
@@ -125,7 +125,7 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale_offset: torch.Tensor, g
     return y if bias is None else y + bias
 
 
-# INT4 weights times integer inputs in the C library (clib.py). Each input row is quantized
+# INT4 weights times integer inputs in the C library (kernels.c). Each input row is quantized
 # once per call to int16 per weight group (step max|x| / 32767, round half to even) and the dot
 # products are integer, so a weight costs a nibble mask, a widening and half a multiply-add
 # instruction, not a float conversion and an FMA (torch's int4pack kernel, compute-bound at
@@ -136,7 +136,7 @@ def int4_mm(x: torch.Tensor, packed: torch.Tensor, scale_offset: torch.Tensor, g
 # |sum_k w_k dx_k| <= sum_g (max|x_g| / 65534) sum_(k in g) |w_k|.
 def int4_c_supported(in_features: int, group: int) -> bool:
     # plain C (no AVX2) ran 5.8x slower than torch's int4pack here (8192x2048, g128, AVX512 CPU)
-    # groups up to 512: the AVX512 sums of 256 u a (clib.py) stay below 2^31
+    # groups up to 512: the AVX512 sums of 256 u a (kernels.c) stay below 2^31
     return group % 64 == 0 and group <= 512 and in_features % group == 0 and library() is not None \
         and library().int4_vector_bits() > 0
 
@@ -144,7 +144,7 @@ def int4_c_supported(in_features: int, group: int) -> bool:
 def int4_c_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Signed INT4 codes [N, K], group scales and zero points [N, K/g] in the C kernel's
-    layout (clib.py): u = code + 8 as K/2 bytes a row, each 64 weights as 16 little-endian
+    layout (kernels.c): u = code + 8 as K/2 bytes a row, each 64 weights as 16 little-endian
     16-bit lanes, lane l holding u_l, u_(l+16), u_(l+32), u_(l+48) from its lowest nibble up;
     float32 scales s and int32 c = 8 + zero, so w = s * (u - c)."""
     n, k = codes.shape
@@ -276,7 +276,7 @@ def int8_dynamic_mm(x: torch.Tensor, handle: int, n: int, reduce_range: bool,
 
 @torch.library.custom_op("lowbit::bf16_gemv", mutates_args=())
 def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [M, K] @ bf16 weight [N, K].T in float32 [M, N] (clib.py: products exact, float32 sums)."""
+    """x [M, K] @ bf16 weight [N, K].T in float32 [M, N] (kernels.c: products exact, float32 sums)."""
     x = x.float().contiguous()
     (m, k), n = x.shape, weight.shape[0]
     y = torch.empty(m, n)

@@ -5,7 +5,7 @@ Why C (measured with bench/cpu_kernels.py, one thread, 576x1536; docs/benchmarks
 2.13 has no fast path for these codes on CPU. `float8_e4m3fn.to(bf16)` runs a scalar loop (6 ms
 for 0.9 M weights, against 0.08 ms for the whole INT4 matmul), `torch._scaled_mm` on CPU took
 49 ms at one row and 13 s at 256, and a 16-entry lookup by tensor indexing 4.6 ms. The C loops
-(runtime/clib.py) turn codes into float32 (FP8: by an FP16 bit shift and the F16C / AVX512
+(runtime/kernels.c) turn codes into float32 (FP8: by an FP16 bit shift and the F16C / AVX512
 conversion; E2M1: a 16-entry register table) inside the float32 dot product, so each weight is
 read once and never written back out, as the int4pack/int8pack kernels do.
 - decode (fewer than DENSE_ROWS inputs): `*_gemv`, y = x @ codes.T in float32, scales applied
