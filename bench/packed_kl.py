@@ -3,8 +3,8 @@
 each checkpoint through (a) the reference path, (b) the packed kernels as `lowbit eval
 --packed` runs them (prefill-sized windows take each format's dense per-call GEMM), and (c) the
 packed kernels forced onto their decode-sized (row) path for every input, which is what a
-generated token goes through: torch's int4pack / int8pack, FBGEMM, and the C library's W4A8,
-FP8 and FP4 row kernels. The ratio column is each KL over the reference's.
+generated token goes through: torch's int4pack / int8pack, FBGEMM, and the C library's INT4
+(int16 inputs), FP8 and FP4 row kernels. The ratio column is each KL over the reference's.
 
     python bench/packed_kl.py .cache/smollm2-135m-bf16 W4A16=.cache/smollm2-135m-w4a16 ...
 """
@@ -26,9 +26,8 @@ from lowbit.runtime import kernels_cpu, kernels_fp  # noqa: E402
 def rows_path(enabled: bool) -> None:
     """Every packed kernel on its row (decode) path for inputs of any size, or back to normal.
     Linears read their threshold at load, so set this before lowbit.load."""
-    for table in (kernels_cpu.DENSE_ROWS,):
-        for k in table:
-            table[k] = kernels_cpu.NEVER if enabled else rows_path.saved[k]
+    for k in kernels_cpu.DENSE_ROWS:
+        kernels_cpu.DENSE_ROWS[k] = kernels_cpu.NEVER if enabled else rows_path.saved[k]
     kernels_fp.DENSE_ROWS = kernels_cpu.NEVER if enabled else rows_path.saved["fp"]
 
 

@@ -5,9 +5,8 @@ first use: FP8/FP4 weight rows (kernels_fp.py), bf16 weight rows and INT4 dot pr
 It is compiled with the C compiler ($CC, default cc) for this machine (-march=native, or
 $LOWBIT_KERNEL_MARCH: the preprocessor picks AVX512 / AVX512-VNNI / AVX2 code, or plain C),
 cached under $LOWBIT_KERNEL_CACHE (default ~/.cache/lowbit/kernels) by source, compiler, -march
-and CPU flags. Without
-a compiler (or with LOWBIT_NO_C_KERNELS=1) `library()` is None and every Linear that would use it
-takes its torch fallback. Each kernel runs on one thread (the callers' batch-1 shapes are bound by
+and CPU flags. Without a compiler (or with LOWBIT_NO_C_KERNELS=1) `library()` is None and every
+Linear that would use it takes its torch fallback. Each kernel runs on one thread (the callers' batch-1 shapes are bound by
 memory reads, and a second OpenMP runtime beside torch's is asking for trouble).
 """
 

@@ -141,8 +141,6 @@ void fp8_gemv(int64_t M, int64_t N, int64_t K, const float *x, const uint8_t *co
     for (int64_t m = 0; m < M; m++) y[m * N + n] = fp8_dot(x + m * K, codes + n * K, K, lut);
 }
 
-/* y[m, n] = sum_k x[m, k] * e2m1(n, k) * scale[n, k / group]; packed [N, K/2], scale
-   [N, K/group] float32, xe / xo the even / odd columns of x, [M, K/2] each */
 /* xe . even and xo . odd columns of one FP4 row (bytes p[0..H), group scales s, hg bytes a
    group), fused as fp8_dot is: the codes' values from a register table, times the group scale
    after the pair's sum. Scalar fallback as fp4_row. */
@@ -180,6 +178,8 @@ static float fp4_dot(const float *xe, const float *xo, const uint8_t *p, int64_t
   return acc;
 }
 
+/* y[m, n] = sum_k x[m, k] * e2m1(n, k) * scale[n, k / group]; packed [N, K/2], scale
+   [N, K/group] float32, xe / xo the even / odd columns of x, [M, K/2] each */
 void fp4_gemv(int64_t M, int64_t N, int64_t K, const float *xe, const float *xo,
               const uint8_t *packed, const float *lut16, const float *scale, int64_t group,
               float *y) {
@@ -232,6 +232,13 @@ void fp4_to_bf16(int64_t N, int64_t K, const uint8_t *packed, const float *lut16
 /* ---- bf16 weights (the lm_head, unquantized Linears): y = x @ w.T, x float32 ----
    bf16 bits shifted into float32's upper half are the same value, so each product is exact
    and the sum is float32, as torch's own bf16 matmuls accumulate. */
+static inline float bf16_value(uint16_t bits) {
+  uint32_t u = (uint32_t)bits << 16;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
 static float bf16_dot(const float *x, const uint16_t *w, int64_t K) {
   int64_t k = 0;
   float acc = 0.f;
@@ -260,12 +267,7 @@ static float bf16_dot(const float *x, const uint16_t *w, int64_t K) {
   for (; k + 8 <= K; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), W8(0), s0);
   acc = hsum256(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
 #endif
-  for (; k < K; k++) {
-    uint32_t u = (uint32_t)w[k] << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    acc += x[k] * f;
-  }
+  for (; k < K; k++) acc += x[k] * bf16_value(w[k]);
   return acc;
 }
 
@@ -282,12 +284,7 @@ static void bf16_dot4(const float *x, const uint16_t *w, int64_t ld, int64_t K, 
   }
   for (int r = 0; r < 4; r++) {
     out[r] = _mm512_reduce_add_ps(a[r]);
-    for (int64_t t = k; t < K; t++) {
-      uint32_t u = (uint32_t)w[r * ld + t] << 16;
-      float f;
-      memcpy(&f, &u, 4);
-      out[r] += x[t] * f;
-    }
+    for (int64_t t = k; t < K; t++) out[r] += x[t] * bf16_value(w[r * ld + t]);
   }
 }
 #endif
