@@ -252,26 +252,45 @@ def test_a_compiled_decode_step_generates_what_the_eager_one_does(tiny_dir, data
     torch.testing.assert_close(logits[1], logits[0], atol=1e-5, rtol=1e-5)
 
 
-def test_packed_decode_attention_matches_a_float64_reference():
-    """compiled.py's one-token GQA attention (query heads packed per KV head) against softmax
+@pytest.mark.parametrize("path", ["c", "torch"])
+@pytest.mark.parametrize("mask_kind, kv_dtype", [("bool", torch.float32), ("float", torch.float32),
+                                                 ("none", torch.bfloat16), ("bool", torch.bfloat16)])
+def test_packed_decode_attention_matches_a_float64_reference(path, mask_kind, kv_dtype):
+    """compiled.py's one-token attention, through the C kernel (reading only the positions the
+    mask leaves) or torch's SDPA with the query heads packed per KV head, against softmax
     attention written here in float64, with the KV heads repeated per query head and a mask
-    that hides the cache's unfilled tail; other shapes go to transformers' SDPA unchanged."""
+    that hides the cache's unfilled tail (bool, or additive with finite values too); other
+    shapes go to transformers' SDPA unchanged."""
     from types import SimpleNamespace
 
+    from lowbit.runtime import kernels_cpu
     from lowbit.runtime.compiled import _decode_sdpa
 
+    if path == "c" and kernels_cpu.library() is None:
+        pytest.skip("no C compiler: the C kernel is not built")
     g = torch.Generator().manual_seed(0)
     heads, kv, d, length, filled = 8, 2, 16, 24, 17
     q, k, v = (torch.randn(1, h, n, d, generator=g) for h, n in ((heads, 1), (kv, length), (kv, length)))
-    mask = (torch.arange(length) < filled).reshape(1, 1, 1, length)
-    module = SimpleNamespace(num_key_value_groups=heads // kv, is_causal=True, training=False)
+    q, k, v = q.to(kv_dtype), k.to(kv_dtype), v.to(kv_dtype)
+    keep = (torch.arange(length) < filled).reshape(1, 1, 1, length)
+    add = torch.zeros(1, 1, 1, length).masked_fill(~keep, float("-inf"))
+    mask = {"bool": keep, "none": None,
+            "float": add + torch.randn(add.shape, generator=g).masked_fill(~keep, 0)}[mask_kind]
+    assert kernels_cpu.attention_decode_fits(q, k, v, mask)
+    module = SimpleNamespace(num_key_value_groups=heads // kv, is_causal=True, training=False,
+                             _lowbit_c_attention=path == "c")  # as compiled._pack_gqa sets it
     out, _ = _decode_sdpa(module, q, k, v, mask, scaling=0.25)
     kr, vr = (t.double().repeat_interleave(heads // kv, 1) for t in (k, v))
-    scores = (q.double() @ kr.transpose(2, 3) * 0.25).masked_fill(~mask, float("-inf"))
+    scores = q.double() @ kr.transpose(2, 3) * 0.25
+    scores = scores if mask is None else scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool \
+        else scores + mask.double()
     want = (scores.softmax(-1) @ vr).transpose(1, 2)  # [1, 1, heads, d], as attention returns
-    assert out.shape == want.shape
-    torch.testing.assert_close(out.double(), want, atol=1e-5, rtol=1e-5)
-    prefill = torch.randn(1, heads, 3, d, generator=g)  # several queries: not packed, same result
+    assert out.shape == want.shape and out.dtype == q.dtype
+    # float32 sums of d and `filled` terms (the C kernel's exp: 2e-7 relative); bf16 tensors:
+    # the output's own rounding (2^-9 relative) and, in torch's kernel, its bf16 intermediates
+    tol = 1e-5 if kv_dtype == torch.float32 else 2**-6
+    torch.testing.assert_close(out.double(), want, atol=tol, rtol=tol)
+    prefill = torch.randn(1, heads, 3, d, generator=g).to(kv_dtype)  # several queries: not packed, same result
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     torch.testing.assert_close(_decode_sdpa(module, prefill, k, v, None)[0],

@@ -90,7 +90,7 @@ def test_int4_kernels_match_the_exact_product(group, symmetric, fast):
     if kernel == "int4-c":  # the documented layout, read back
         from lowbit.runtime import kernels_cpu as K
 
-        assert torch.equal(K.int4_c_unpack(linear.weight_packed), (q.codes + 8).to(torch.uint8))
+        assert torch.equal(K.int4_c_unpack(linear.weight_packed, 3), (q.codes + 8).to(torch.uint8))
         for dtype in (torch.float32, torch.bfloat16):  # the dense weights: the reference's, rounded once
             want = exact(q)[0].to(dtype)
             assert torch.equal(K.int4_c_dense(linear.weight_packed, linear.weight_scale,
@@ -338,9 +338,13 @@ from tests.test_linear import random_quantized, exact, int16_input_bound
 from lowbit.runtime import kernels_cpu as K
 from lowbit.runtime.clib import library
 ok = []
-for n, k, group, symmetric in [(40, 192, 64, True), (24, 384, 128, False), (16, 512, 256, True)]:
+# odd row counts: the last row is stored on its own, after the pairs
+for n, k, group, symmetric in [(41, 192, 64, True), (10, 256, 64, False), (24, 384, 128, False),
+                                (17, 512, 256, True)]:
     q = random_quantized(n, k, 4, group, symmetric, seed=k)
     packed, s, c = K.int4_c_pack(q.codes, q.scale, q.zero)
+    ok.append(torch.equal(K.int4_c_dense(packed, s, c, group, torch.float32), exact(q)[0].float()))
+    ok.append(torch.equal(K.int4_c_unpack(packed, k // group), (q.codes + 8).to(torch.uint8)))
     for m in (1, 3):
         x = torch.randn(m, k)
         err = (K.int4_c_mm(x, packed, s, c, group).double() - x.double() @ exact(q)[0].T).abs()

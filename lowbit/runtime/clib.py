@@ -80,4 +80,6 @@ def library() -> ctypes.CDLL | None:
     lib.int4_gemv.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
     lib.int4_vector_bits.restype = ctypes.c_int
     lib.int4_dequant.argtypes = [i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ptr]
+    lib.attn_decode.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ptr, ctypes.c_int,
+                                ctypes.c_float, ptr]
     return lib

@@ -34,13 +34,27 @@ def cache_len(model: nn.Module, needed: int) -> int:
 
 
 def _decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-    """transformers' SDPA attention, except that a one-token step of grouped-query attention
-    runs as [kv_heads, queries per kv head] rows (its `pack_gqa`) under torch.compile too.
-    transformers packs only when not compiling, and otherwise repeats the keys and values per
-    query head: torch's CPU flash kernel then took 1.9 ms a layer for Llama-3.2-1B's 32 one-row
-    heads over a 512-position cache, against 0.26 ms packed (a third of a compiled 1B step)."""
+    """transformers' SDPA attention, except for a one-token step. That runs through lowbit's C
+    kernel (kernels_cpu.attention_decode) where it fits: it reads only the cache positions the
+    mask leaves, each key and value row once for the query heads sharing it; torch's flash
+    kernel reads the whole static cache (SmolLM2, 512 positions, float32: 0.11 ms a layer,
+    ~3 ms a step; docs/benchmarks.md). Elsewhere grouped-query attention runs as [kv_heads,
+    queries per kv head] rows (transformers' `pack_gqa`) under torch.compile too: transformers
+    packs only when not compiling, and otherwise repeats the keys and values per query head,
+    where torch's CPU flash kernel took 1.9 ms a layer for Llama-3.2-1B's 32 one-row heads over a
+    512-position cache, against 0.26 ms packed."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    from .kernels_cpu import attention_decode, attention_decode_fits
+
+    if getattr(module, "_lowbit_c_attention", False) and dropout == 0.0 \
+            and kwargs.get("position_bias") is None and kwargs.get("softcap") is None \
+            and attention_decode_fits(query, key, value, attention_mask):
+        _, heads, _, d = query.shape
+        mask = None if attention_mask is None else attention_mask.reshape(-1)
+        out = attention_decode(query.reshape(heads, d), key[0], value[0], mask,
+                               d**-0.5 if scaling is None else float(scaling))
+        return out.to(query.dtype).reshape(1, 1, heads, d), None
     rep = getattr(module, "num_key_value_groups", 1)
     if query.shape[2] != 1 or rep == 1 or kwargs.get("position_bias") is not None \
             or (attention_mask is not None and attention_mask.shape[1] != 1):
@@ -55,13 +69,18 @@ def _decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
 
 def _pack_gqa(model: nn.Module) -> None:
     """Route the model's SDPA attention through _decode_sdpa (eager steps compute the same: the
-    packing is transformers' own), directly or under lowbit's KV-cache seam (attention.py)."""
+    packing is transformers' own, the C kernel tested against float64), directly or under
+    lowbit's KV-cache seam (attention.py)."""
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+    from .clib import library
+
     ALL_ATTENTION_FUNCTIONS.register("lowbit_sdpa", _decode_sdpa)
     ALL_MASK_ATTENTION_FUNCTIONS.register("lowbit_sdpa", ALL_MASK_ATTENTION_FUNCTIONS["sdpa"])
+    c = library() is not None  # asked here: a traced step cannot call into ctypes
     for m in model.modules():
+        m.__dict__["_lowbit_c_attention"] = c  # read by _decode_sdpa from the attention module
         config = m.__dict__.get("config")
         if config is not None and getattr(config, "_attn_implementation", None) == "sdpa":
             config._attn_implementation = "lowbit_sdpa"
@@ -102,3 +121,4 @@ def decode_step(model: nn.Module, length: int):
     state["step"](input_ids=token, position_ids=torch.tensor([[1]]), **kw)
     state["lengths"].add(length)
     return state["step"], time.perf_counter() - clock
+

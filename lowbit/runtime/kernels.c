@@ -309,13 +309,17 @@ void bf16_gemv(int64_t M, int64_t N, int64_t K, const float *x, const uint16_t *
    lanes, lane l holding u_l, u_(l+16), u_(l+32), u_(l+48) in its four nibbles, so one load,
    three shifts and three masks give four vectors of 16-bit codes, 16 columns each in order,
    ready for 16-bit multiply-adds. w = s * (u - c), c = 8 + zero point, per (row, group): float
-   s, integer c; groups are multiples of 64.
+   s, integer c; groups are multiples of 64. Rows are stored in pairs, group by group (row 2q's
+   group j, then row 2q+1's, then group j+1), an odd last row on its own: the kernel takes two
+   rows a pass, sharing its input loads, and still reads one sequential stream (two rows a pass
+   from two streams read slower than one row a pass did).
    Inputs: per row and weight group, int16 a = round(x / t), t = max|x| / 32767, so
    sum_k w_k x_k ~= sum_g s_g t_g (sum_k u_k a_k - c_g sum_k a_k), all but the last product in
-   int32: |u a| <= 15 * 32767 (AVX512 sums a quarter of a group's products times 256: for groups
-   up to 512, below 2^30).
+   int32: |u a| <= 15 * 32767, and |c sum(a)| <= 23 * 512 * 32767 < 2^29 for groups up to 512.
    AVX512 takes two such 64-column blocks of one group a step (groups of 128 or more): lanes
-   0-15 the first, 16-31 the second, so its inputs are stored in the order that pairs them. */
+   0-15 the first, 16-31 the second, so its inputs are stored in the order that pairs them.
+   (Groups of 64 taken two a step the same way ran 7-10 % slower than AVX2's 64 columns a
+   step, SmolLM2 and 1B shapes, AMD EPYC: the halves' loads and the scales' shuffles.) */
 #ifndef PREFETCH
 #define PREFETCH 2048
 #endif
@@ -337,11 +341,11 @@ static void quantize_inputs(int64_t K, int64_t g, const float *x, int16_t *a, fl
     for (int64_t k = 0; k < g; k++) amax = fmaxf(amax, fabsf(xg[k]));
     float inv = amax > 0.f ? 32767.f / amax : 0.f;
     int32_t sum = 0;
-    for (int64_t k = 0; k < g; k++) {
-      /* paired: column 64h + 16r + l (h the block of the pair) goes to 32r + 16h + l */
+    for (int64_t k = j * g; k < (j + 1) * g; k++) {
+      /* paired: column 64h + 16r + l of a block (h its half) goes to 32r + 16h + l */
       int64_t at = pair ? (k & ~127) + ((k & 48) << 1) + ((k & 64) >> 2) + (k & 15) : k;
-      int32_t v = (int32_t)nearbyintf(xg[k] * inv);  /* round half to even; |v| <= 32767 */
-      a[j * g + at] = (int16_t)v;
+      int32_t v = (int32_t)nearbyintf(x[k] * inv);  /* round half to even; |v| <= 32767 */
+      a[at] = (int16_t)v;
       sum += v;
     }
     t[j] = amax / 32767.f;
@@ -349,75 +353,123 @@ static void quantize_inputs(int64_t K, int64_t g, const float *x, int16_t *a, fl
   }
 }
 
-static float int4_row_dot(const uint8_t *p, const int16_t *a, const float *t, const int32_t *asum,
-                          const float *s, const int32_t *c, int64_t K, int64_t g) {
-  int64_t G = K / g;
+#if defined(__AVX2__)
+/* acc + the 16-bit products of 64 weights' codes (b, one block) with their inputs x, summed
+   in pairs into eight int32 lanes */
+static inline __m256i dot64(__m256i b, const int16_t *x, __m256i acc) {
+  const __m256i m = _mm256_set1_epi16(15);
+  const __m256i *v = (const __m256i *)x;
+#define MADD2(u, q) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(u, _mm256_loadu_si256(v + q)))
+  MADD2(_mm256_and_si256(b, m), 0);
+  MADD2(_mm256_and_si256(_mm256_srli_epi16(b, 4), m), 1);
+  MADD2(_mm256_and_si256(_mm256_srli_epi16(b, 8), m), 2);
+  MADD2(_mm256_srli_epi16(b, 12), 3);
+#undef MADD2
+  return acc;
+}
+#endif
+
 #if defined(__AVX512BW__)
-  if (paired(g)) {
-    const __m512i m = _mm512_set1_epi16(15), m1 = _mm512_set1_epi16(0xF0), m2 = _mm512_set1_epi16(0xF00);
-    __m512 f = _mm512_setzero_ps();
-    for (int64_t j = 0; j < G; j++) {
-      /* the group's -c * sum(a) starts in lane 0, so its sum stays an exact integer; four
-         accumulators, since each multiply-add waits on the last one into its register */
-      __m512i i = _mm512_zextsi128_si512(_mm_cvtsi32_si128(-c[j] * asum[j]));
-      __m512i i1 = _mm512_setzero_si512(), i2 = i1, i3 = i1;
-      for (int64_t k = j * g; k < (j + 1) * g; k += 128) {
-        /* the rows are one stream: asking for it 2 KB ahead, into L2, read 8192x2048 from
-           DRAM at 14 GB/s against 11-12 without (AMD EPYC, one thread; into L1 or further
-           ahead no better) */
-        _mm_prefetch((const char *)(p + k / 2) + PREFETCH, _MM_HINT_T1);
-        __m512i b = _mm512_loadu_si512(p + k / 2);
-        const int16_t *x = a + k;
 #if defined(__AVX512VNNI__)
 #define MADD(acc, u, v) _mm512_dpwssd_epi32(acc, u, v)
 #else
 #define MADD(acc, u, v) _mm512_add_epi32(acc, _mm512_madd_epi16(u, v))
 #endif
-        /* nibbles 1 and 2 masked in place are 16 u and 256 u: their sums come out times 16
-           and 256, exactly, and are shifted back once a group (one shift fewer a nibble) */
-        i = MADD(i, _mm512_and_si512(b, m), _mm512_loadu_si512(x));
-        i1 = MADD(i1, _mm512_and_si512(b, m1), _mm512_loadu_si512(x + 32));
-        i2 = MADD(i2, _mm512_and_si512(b, m2), _mm512_loadu_si512(x + 64));
-        i3 = MADD(i3, _mm512_srli_epi16(b, 12), _mm512_loadu_si512(x + 96));
+/* acc + the products of a 128-column step (b: two blocks, lanes 0-15 and 16-31) with its
+   paired inputs x0..x3, in 16 int32 lanes. Four
+   independent multiply-adds; nibbles 1 and 2 masked in place are 16 u and 256 u, whose sums
+   come out times 16 and 256, exactly, and are shifted back (one shift fewer a nibble). */
+static inline __m512i dot128(__m512i b, __m512i x0, __m512i x1, __m512i x2, __m512i x3, __m512i acc) {
+  const __m512i m = _mm512_set1_epi16(15), m1 = _mm512_set1_epi16(0xF0), m2 = _mm512_set1_epi16(0xF00);
+  const __m512i z = _mm512_setzero_si512();
+  __m512i i0 = MADD(acc, _mm512_and_si512(b, m), x0), i1 = MADD(z, _mm512_and_si512(b, m1), x1);
+  __m512i i2 = MADD(z, _mm512_and_si512(b, m2), x2), i3 = MADD(z, _mm512_srli_epi16(b, 12), x3);
+  return _mm512_add_epi32(_mm512_add_epi32(i0, _mm512_srai_epi32(i1, 4)),
+                          _mm512_add_epi32(_mm512_srai_epi32(i2, 8), i3));
+}
+#undef MADD
+#endif
+
+/* The dot products of one input row with a row pair (R = 2) or a lone last row (R = 1) at p
+   (row_at), into out[r]; s and c point at the first row's, the second's follow a row on. */
+static inline __attribute__((always_inline)) void int4_rows(
+    int R, const uint8_t *p, const int16_t *a, const float *t, const int32_t *asum,
+    const float *s, const int32_t *c, int64_t K, int64_t g, float *out) {
+  int64_t G = K / g;
+  /* row r's bytes of weights k.. (k in a group, a multiple of 64) */
+#define AT(r, k) (R == 2 ? p + ((k) / g) * g + (r) * (g / 2) + ((k) % g) / 2 : p + (k) / 2)
+  /* the rows are streams: asking for each 2 KB ahead, into L2, read 8192x2048 from DRAM at
+     14 GB/s against 11-12 without (AMD EPYC, one thread; into L1 or further ahead no better) */
+#define FETCH(r, k) _mm_prefetch((const char *)AT(r, k) + PREFETCH, _MM_HINT_T1)
+#define INIT(r, j) _mm_cvtsi32_si128(-c[(r) * G + (j)] * asum[j])  /* the group's -c sum(a), exact */
+#if defined(__AVX512BW__)
+  if (paired(g)) {
+    __m512 f[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t j = 0; j < G; j++) {
+      __m512i i[2];
+      for (int r = 0; r < R; r++) i[r] = _mm512_zextsi128_si512(INIT(r, j));
+      for (int64_t k = j * g; k < (j + 1) * g; k += 128) {
+        const int16_t *x = a + k;
+        __m512i x0 = _mm512_loadu_si512(x), x1 = _mm512_loadu_si512(x + 32);
+        __m512i x2 = _mm512_loadu_si512(x + 64), x3 = _mm512_loadu_si512(x + 96);
+        for (int r = 0; r < R; r++) {
+          FETCH(r, k);
+          i[r] = dot128(_mm512_loadu_si512(AT(r, k)), x0, x1, x2, x3, i[r]);
+        }
       }
-      i = _mm512_add_epi32(_mm512_add_epi32(i, _mm512_srai_epi32(i1, 4)),
-                           _mm512_add_epi32(_mm512_srai_epi32(i2, 8), i3));
-      f = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i), _mm512_set1_ps(s[j] * t[j]), f);
+      for (int r = 0; r < R; r++)
+        f[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(i[r]), _mm512_set1_ps(s[r * G + j] * t[j]), f[r]);
     }
-    return _mm512_reduce_add_ps(f);
+    for (int r = 0; r < R; r++) out[r] = _mm512_reduce_add_ps(f[r]);
+    return;
   }
 #endif
 #if defined(__AVX2__)
-  const __m256i m = _mm256_set1_epi16(15);
-  __m256 f = _mm256_setzero_ps();
+  __m256 f[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
   for (int64_t j = 0; j < G; j++) {
-    __m256i i = _mm256_zextsi128_si256(_mm_cvtsi32_si128(-c[j] * asum[j]));
-    for (int64_t k = j * g; k < (j + 1) * g; k += 64) {
-      _mm_prefetch((const char *)(p + k / 2) + PREFETCH, _MM_HINT_T1);
-      __m256i b = _mm256_loadu_si256((const __m256i *)(p + k / 2));
-      const __m256i *x = (const __m256i *)(a + k);
-#define MADD2(u, q) i = _mm256_add_epi32(i, _mm256_madd_epi16(u, _mm256_loadu_si256(x + q)))
-      MADD2(_mm256_and_si256(b, m), 0);
-      MADD2(_mm256_and_si256(_mm256_srli_epi16(b, 4), m), 1);
-      MADD2(_mm256_and_si256(_mm256_srli_epi16(b, 8), m), 2);
-      MADD2(_mm256_srli_epi16(b, 12), 3);
-    }
-    f = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i), _mm256_set1_ps(s[j] * t[j]), f);
-  }
-  return hsum256(f);
-#else
-  float acc = 0.f;
-  for (int64_t j = 0; j < G; j++) {
-    int32_t i = -c[j] * asum[j];
+    __m256i i[2];
+    for (int r = 0; r < R; r++) i[r] = _mm256_zextsi128_si256(INIT(r, j));
     for (int64_t k = j * g; k < (j + 1) * g; k += 64)
-      for (int64_t l = 0; l < 16; l++) {
-        uint32_t lane = p[k / 2 + 2 * l] | (uint32_t)p[k / 2 + 2 * l + 1] << 8;
-        for (int r = 0; r < 4; r++) i += (int32_t)((lane >> (4 * r)) & 15) * a[k + 16 * r + l];
+      for (int r = 0; r < R; r++) {
+        FETCH(r, k);
+        i[r] = dot64(_mm256_loadu_si256((const __m256i *)AT(r, k)), a + k, i[r]);
       }
-    acc += s[j] * t[j] * (float)i;
+    for (int r = 0; r < R; r++)
+      f[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(i[r]), _mm256_set1_ps(s[r * G + j] * t[j]), f[r]);
   }
-  return acc;
+  for (int r = 0; r < R; r++) out[r] = hsum256(f[r]);
+#else
+  for (int r = 0; r < R; r++) {
+    float acc = 0.f;
+    for (int64_t j = 0; j < G; j++) {
+      int32_t i = -c[r * G + j] * asum[j];
+      for (int64_t k = j * g; k < (j + 1) * g; k += 64)
+        for (int64_t l = 0; l < 16; l++) {
+          const uint8_t *q = AT(r, k);
+          uint32_t lane = q[2 * l] | (uint32_t)q[2 * l + 1] << 8;
+          for (int b = 0; b < 4; b++) i += (int32_t)((lane >> (4 * b)) & 15) * a[k + 16 * b + l];
+        }
+      acc += s[r * G + j] * t[j] * (float)i;
+    }
+    out[r] = acc;
+  }
 #endif
+#undef AT
+#undef FETCH
+#undef INIT
+}
+
+/* where row n of N starts: rows 0 .. 2 (N / 2) - 1 in pairs (the pair's bytes from there), an
+   odd last row on its own */
+static inline const uint8_t *row_at(const uint8_t *packed, int64_t n, int64_t N, int64_t K) {
+  return packed + (n - (n < N - N % 2 ? n % 2 : 0)) * (K / 2);
+}
+
+/* row n's group j: its g / 2 bytes */
+static inline const uint8_t *group_at(const uint8_t *packed, int64_t n, int64_t N, int64_t K,
+                                      int64_t g, int64_t j) {
+  int lone = n == N - 1 && N % 2;
+  return row_at(packed, n, N, K) + j * (lone ? g / 2 : g) + (lone ? 0 : (n % 2) * (g / 2));
 }
 
 /* out [N, K] = s * (u - c), the reference path's float32 weights, as float32 or rounded to
@@ -426,14 +478,14 @@ void int4_dequant(int64_t N, int64_t K, int64_t g, const uint8_t *packed, const 
                   const int32_t *c, int bf16, void *out) {
   float *row = malloc(K * sizeof(float));
   for (int64_t n = 0; n < N; n++) {
-    const uint16_t *p = (const uint16_t *)(packed + n * (K / 2));  /* little-endian lanes */
     for (int64_t j = 0; j < K / g; j++) {
+      const uint16_t *p = (const uint16_t *)group_at(packed, n, N, K, g, j);  /* little-endian lanes */
       float sj = s[n * (K / g) + j];
       int32_t cj = c[n * (K / g) + j];
-      for (int64_t k = j * g; k < (j + 1) * g; k += 64)  /* the inner loop vectorizes over l */
+      for (int64_t k = 0; k < g; k += 64)  /* the inner loop vectorizes over l */
         for (int r = 0; r < 4; r++)
           for (int64_t l = 0; l < 16; l++)
-            row[k + 16 * r + l] = sj * (float)((int32_t)((p[k / 4 + l] >> (4 * r)) & 15) - cj);
+            row[j * g + k + 16 * r + l] = sj * (float)((int32_t)((p[k / 4 + l] >> (4 * r)) & 15) - cj);
     }
     if (bf16) {
       uint16_t *o = (uint16_t *)out + n * K;
@@ -468,11 +520,108 @@ void int4_gemv(int64_t M, int64_t N, int64_t K, int64_t g, const float *x, const
   float *t = malloc(M * G * sizeof(float));
   int32_t *asum = malloc(M * G * sizeof(int32_t));
   for (int64_t m = 0; m < M; m++) quantize_inputs(K, g, x + m * K, a + m * K, t + m * G, asum + m * G);
-  for (int64_t n = 0; n < N; n++)
+  float out[2];
+  int64_t n = 0;
+  for (; n + 2 <= N; n += 2)
+    for (int64_t m = 0; m < M; m++) {
+      int4_rows(2, row_at(packed, n, N, K), a + m * K, t + m * G, asum + m * G, s + n * G, c + n * G,
+                K, g, out);
+      y[m * N + n] = out[0];
+      y[m * N + n + 1] = out[1];
+    }
+  for (; n < N; n++)
     for (int64_t m = 0; m < M; m++)
-      y[m * N + n] = int4_row_dot(packed + n * (K / 2), a + m * K, t + m * G, asum + m * G,
-                                  s + n * G, c + n * G, K, g);
+      int4_rows(1, row_at(packed, n, N, K), a + m * K, t + m * G, asum + m * G, s + n * G, c + n * G,
+                K, g, y + m * N + n);
   free(a);
   free(t);
   free(asum);
+}
+
+/* ---- one-token attention over a KV cache (runtime/compiled.py's decode step) ---- */
+
+/* x[0..n) = softmax(x), in place (n >= 1). AVX2 computes e^(x - max) itself, 8 at a time:
+   e^y = 2^m e^r, y = m ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor polynomial
+   (relative error below 2e-7, float32's own rounding), y clamped at -87 (a weight below 1e-38
+   of the largest, nothing in a float32 sum); elsewhere libm's expf. */
+static void softmax(float *x, int64_t n) {
+  float mx = x[0], sum = 0.f;
+  for (int64_t i = 1; i < n; i++) mx = fmaxf(mx, x[i]);
+  int64_t i = 0;
+#if defined(__AVX2__)
+  const __m256 lo = _mm256_set1_ps(-87.f), log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 ln2a = _mm256_set1_ps(-0.693145751953125f), ln2b = _mm256_set1_ps(-1.428606820309417e-06f);
+  __m256 acc = _mm256_setzero_ps();
+  for (; i + 8 <= n; i += 8) {
+    __m256 y = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x + i), _mm256_set1_ps(mx)), lo);
+    __m256 m = _mm256_round_ps(_mm256_mul_ps(y, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fmadd_ps(m, ln2b, _mm256_fmadd_ps(m, ln2a, y));  /* ln2a * m is exact */
+    __m256 p = _mm256_set1_ps(1.f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.f));
+    __m256i two_m = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(m), _mm256_set1_epi32(127)), 23);
+    p = _mm256_mul_ps(p, _mm256_castsi256_ps(two_m));
+    _mm256_storeu_ps(x + i, p);
+    acc = _mm256_add_ps(acc, p);
+  }
+  sum = hsum256(acc);
+#endif
+  for (; i < n; i++) sum += x[i] = expf(x[i] - mx);
+  float inv = 1.f / sum;
+  for (i = 0; i < n; i++) x[i] *= inv;
+}
+
+static inline float kv_value(const void *kv, int bf16, int64_t i) {
+  return bf16 ? bf16_value(((const uint16_t *)kv)[i]) : ((const float *)kv)[i];
+}
+
+/* out [H, D] = softmax(scale q k^T + mask) v for one query token: q [H, D] float32, query head
+   h attending to KV head h / (H / KVH); k and v [KVH, L, D] float32 or bf16 (kv_bf16), row l
+   of head j at j * ld + l * D; mask NULL, bool (mask_kind 1: attend where nonzero) or additive
+   float32 (mask_kind 2), [L], shared by all heads. Positions the mask rules out (false or
+   -inf) are never read, so a static cache costs only its filled positions. Each key and value
+   row is read once for all the query heads that share it. */
+void attn_decode(int64_t H, int64_t KVH, int64_t L, int64_t D, int64_t ld, const float *q,
+                 const void *k, const void *v, int kv_bf16, const void *mask, int mask_kind,
+                 float scale, float *out) {
+  int64_t rep = H / KVH;
+  int64_t *keep = malloc(L * sizeof(int64_t));
+  float *add = malloc(L * sizeof(float));
+  int64_t n = 0;
+  for (int64_t l = 0; l < L; l++) {
+    float m = mask_kind == 2 ? ((const float *)mask)[l] : 0.f;
+    if ((mask_kind == 1 && !((const uint8_t *)mask)[l]) || (mask_kind == 2 && isinf(m) && m < 0))
+      continue;
+    keep[n] = l;
+    add[n++] = m;
+  }
+  float *s = malloc((n ? n : 1) * rep * sizeof(float));  /* [rep, n] scores, then weights */
+  for (int64_t j = 0; j < KVH; j++) {
+    const float *qj = q + j * rep * D;
+    for (int64_t i = 0; i < n; i++) {
+      int64_t row = j * ld + keep[i] * D;
+      for (int64_t r = 0; r < rep; r++) {
+        float acc = 0.f;
+        for (int64_t d = 0; d < D; d++) acc += qj[r * D + d] * kv_value(k, kv_bf16, row + d);
+        s[r * n + i] = acc * scale + add[i];
+      }
+    }
+    for (int64_t r = 0; n && r < rep; r++) softmax(s + r * n, n);
+    float *o = out + j * rep * D;
+    for (int64_t e = 0; e < rep * D; e++) o[e] = 0.f;
+    for (int64_t i = 0; i < n; i++) {
+      int64_t row = j * ld + keep[i] * D;
+      for (int64_t r = 0; r < rep; r++) {
+        float p = s[r * n + i];
+        for (int64_t d = 0; d < D; d++) o[r * D + d] += p * kv_value(v, kv_bf16, row + d);
+      }
+    }
+  }
+  free(keep);
+  free(add);
+  free(s);
 }

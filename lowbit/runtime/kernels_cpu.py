@@ -144,21 +144,34 @@ def int4_c_supported(in_features: int, group: int) -> bool:
 def int4_c_pack(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Signed INT4 codes [N, K], group scales and zero points [N, K/g] in the C kernel's
-    layout (kernels.c): u = code + 8 as K/2 bytes a row, each 64 weights as 16 little-endian
-    16-bit lanes, lane l holding u_l, u_(l+16), u_(l+32), u_(l+48) from its lowest nibble up;
-    float32 scales s and int32 c = 8 + zero, so w = s * (u - c)."""
+    layout (kernels.c): u = code + 8, each 64 weights of a row as 16 little-endian 16-bit
+    lanes, lane l holding u_l, u_(l+16), u_(l+32), u_(l+48) from its lowest nibble up; rows in
+    pairs, group by group (row 2q's g/2 bytes of group j, then row 2q+1's), an odd last row on
+    its own, [N, K/2] bytes in all; float32 scales s and int32 c = 8 + zero [N, K/g], so
+    w = s * (u - c)."""
     n, k = codes.shape
+    groups = scale.reshape(n, -1).shape[1]
     u = (codes.to(torch.int16) + 8).to(torch.uint8).reshape(n, k // 64, 4, 16)
     lanes = torch.stack([u[:, :, 0] | (u[:, :, 1] << 4), u[:, :, 2] | (u[:, :, 3] << 4)], -1)
+    packed = _pair_rows(lanes.reshape(n, k // 2), groups, pair=True)
     s = scale.float().reshape(n, -1).contiguous()
     c = torch.full_like(s, 8, dtype=torch.int32) if zero is None else 8 + zero.to(torch.int32).reshape(n, -1)
-    return lanes.reshape(n, k // 2).contiguous(), s, c.contiguous()
+    return packed, s, c.contiguous()
 
 
-def int4_c_unpack(packed: torch.Tensor) -> torch.Tensor:
-    """The unsigned codes u [N, K] (uint8) back from int4_c_pack's layout."""
+def _pair_rows(rows: torch.Tensor, groups: int, pair: bool) -> torch.Tensor:
+    """Rows [N, B] of `groups` equal groups of bytes to int4_c_pack's pairs (pair=True) or back."""
+    n, b = rows.shape
+    even = n - n % 2
+    head = rows[:even].reshape(even // 2, 2, groups, b // groups) if pair else \
+        rows[:even].reshape(even // 2, groups, 2, b // groups)
+    return torch.cat([head.transpose(1, 2).reshape(even, b), rows[even:]]).contiguous()
+
+
+def int4_c_unpack(packed: torch.Tensor, groups: int) -> torch.Tensor:
+    """The unsigned codes u [N, K] (uint8) back from int4_c_pack's layout (`groups` a row)."""
     n, h = packed.shape
-    p = packed.reshape(n, h // 32, 16, 2)
+    p = _pair_rows(packed, groups, pair=False).reshape(n, h // 32, 16, 2)
     lo, hi = p[..., 0], p[..., 1]
     return torch.stack([lo & 15, lo >> 4, hi & 15, hi >> 4], 2).reshape(n, 2 * h)
 
@@ -287,6 +300,44 @@ def bf16_gemv(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 @bf16_gemv.register_fake
 def _(x, weight):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("lowbit::attention_decode", mutates_args=())
+def attention_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                     scale: float) -> torch.Tensor:
+    """One query token's attention, float32 [H, D]: q [H, D], k and v [KVH, L, D] (float32 or
+    bf16, rows contiguous, one head stride), query head h on KV head h // (H // KVH); mask None,
+    bool (attend where true) or additive float32, L values shared by every head. The C kernel
+    reads only the positions the mask leaves, and with none left gives zeros."""
+    q = q.float().contiguous()
+    (h, d), (kvh, length, _) = q.shape, k.shape
+    kind, m = (0, None) if mask is None else (1, mask.contiguous()) if mask.dtype == torch.bool \
+        else (2, mask.float().contiguous())
+    out = torch.empty(h, d)
+    library().attn_decode(h, kvh, length, d, k.stride(0), q.data_ptr(), k.data_ptr(), v.data_ptr(),
+                          int(k.dtype == torch.bfloat16), 0 if m is None else m.data_ptr(), kind,
+                          scale, out.data_ptr())
+    return out
+
+
+@attention_decode.register_fake
+def _(q, k, v, mask, scale):
+    return q.new_empty(q.shape, dtype=torch.float32)
+
+
+def attention_decode_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                          mask: torch.Tensor | None) -> bool:
+    """Whether attention_decode computes sdpa's attention for these [B, heads, len, D] tensors:
+    batch 1, one query, float32/bf16 (all one dtype), keys and values laid out alike with contiguous rows, a
+    mask (if any) of one row for all heads. (Whether the C library is built is the caller's
+    question, asked outside torch.compile's tracing, which cannot step into it.)"""
+    b, h, n, d = query.shape
+    kv = key.shape
+    return (b == 1 and n == 1 and kv[0] == 1 and value.shape == kv and kv[-1] == d and h % kv[1] == 0
+            and query.dtype == key.dtype == value.dtype and key.dtype in (torch.float32, torch.bfloat16)
+            and key.stride()[1:] == value.stride()[1:] and key.stride(-1) == 1 and key.stride(-2) == d
+            and (mask is None or (mask.numel() == kv[2] and mask.shape[-1] == kv[2]
+                                  and mask.dtype in (torch.bool, torch.float32, query.dtype))))
 
 
 GEMV_ROWS = 8  # fewer rows than this go through a matrix-vector kernel (see dense_mm)
