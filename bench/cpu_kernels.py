@@ -8,12 +8,15 @@ kernels (runtime/kernels_fp.py) against torch's conversions and `torch._scaled_m
 number of rows, each packed kernel against a dense GEMM on weights dequantized for the call
 (what decides kernels_cpu.DENSE_ROWS and kernels_fp.DENSE_ROWS). Best of 7 runs of 30 calls
 (3 at more than one row), in microseconds. These weights are small enough to stay in the
-caches; `--dram` instead times one decode row per kernel at Llama-3.2-1B shapes with the weights
-read from memory, as in a model's step, with the GB/s each reaches. Run it again under an AVX2-only ISA with
-ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2 MKL_ENABLE_INSTRUCTIONS=AVX2.
+caches; `--dram` instead times one decode row per kernel at Llama-3.2-1B shapes with the
+weights read from memory, as in a model's step, with the GB/s each reaches; `--attention` times
+a compiled step's one-token attention (torch's SDPA against lowbit's C kernel). Run it again
+under an AVX2-only ISA with ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+MKL_ENABLE_INSTRUCTIONS=AVX2 (LOWBIT_KERNEL_MARCH=x86-64-v3 builds the C kernels' AVX2 code).
 
     python bench/cpu_kernels.py --threads 1
     python bench/cpu_kernels.py --dram
+    python bench/cpu_kernels.py --attention
 """
 
 from __future__ import annotations
@@ -196,6 +199,31 @@ def print_dram(shapes, copies: int) -> None:
     print()
 
 
+def print_attention(length: int, filled: int) -> None:
+    """One-token attention over a float32 static cache of `length` positions, `filled` of them
+    masked in, per layer: torch's SDPA with the query heads packed per KV head (what a compiled
+    step ran before) against lowbit's C kernel, each through compiled.py's _decode_sdpa."""
+    from types import SimpleNamespace
+
+    from lowbit.runtime.compiled import _decode_sdpa
+
+    print(f"One-token attention, float32 cache of {length} positions with {filled} filled, "
+          "microseconds per layer\n\n| model shapes | torch SDPA, GQA packed | C kernel (lowbit) |\n|---|---|---|")
+    g = torch.Generator().manual_seed(0)
+    for name, heads, kv, d in [("SmolLM2-135M (9 heads, 3 KV)", 9, 3, 64), ("Llama-3.2-1B (32, 8)", 32, 8, 64)]:
+        q = torch.randn(1, heads, 1, d, generator=g)
+        k, v = (torch.randn(1, kv, length, d, generator=g) for _ in range(2))
+        mask = (torch.arange(length) < filled).reshape(1, 1, 1, length)
+        cells = []
+        for c in (False, True):
+            module = SimpleNamespace(num_key_value_groups=heads // kv, is_causal=True, training=False,
+                                     _lowbit_c_attention=c)
+            with torch.inference_mode():
+                cells.append(micros(lambda: _decode_sdpa(module, q, k, v, mask, scaling=d**-0.5), calls=200))
+        print(f"| {name} | {cells[0]:.1f} | {cells[1]:.1f} |")
+    print()
+
+
 def print_table(title: str, shapes, make) -> None:
     print(f"{title}\n\n| kernel | " + " | ".join(f"{m}x{k}->{n}" for m, k, n in shapes) + " |")
     print("|---" * (len(shapes) + 1) + "|")
@@ -216,12 +244,18 @@ def main() -> None:
     ap.add_argument("--dram", action="store_true", help="only the decode rows from DRAM at "
                     "Llama-3.2-1B shapes (2048->8192, 8192->2048, 2048->2048)")
     ap.add_argument("--copies", type=int, default=8, help="weight copies cycled with --dram")
+    ap.add_argument("--attention", action="store_true", help="only one-token attention over a "
+                    "512-position cache, 320 filled (SmolLM2 and Llama-3.2-1B heads)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     warnings.simplefilter("ignore")
     if a.dram:
         print(f"CPU ISA {cpu_isa()}, {a.threads} thread(s)\n")
         print_dram([(2048, 8192), (8192, 2048), (2048, 2048)], a.copies)
+        return
+    if a.attention:
+        print(f"CPU ISA {cpu_isa()}, {a.threads} thread(s)\n")
+        print_attention(512, 320)
         return
     shapes = [(1, 576, 1536), (1, 1536, 576), (1, 576, 576), (256, 576, 1536)]
     print(f"CPU ISA {cpu_isa()}, {a.threads} thread(s); microseconds per call (M x K -> N)\n")
