@@ -38,7 +38,9 @@ def _decode_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling
     kernel (kernels_cpu.attention_decode) where it fits: it reads only the cache positions the
     mask leaves, each key and value row once for the query heads sharing it; torch's flash
     kernel reads the whole static cache (SmolLM2, 512 positions, float32: 0.11 ms a layer,
-    ~3 ms a step; docs/benchmarks.md). Elsewhere grouped-query attention runs as [kv_heads,
+    ~3 ms a step, against 0.06 for the C kernel; at Llama-3.2-1B's four query heads per KV head
+    the C kernel is 8 % slower a layer, its dot products' horizontal sums: docs/benchmarks.md,
+    bench/cpu_kernels.py --attention). Elsewhere grouped-query attention runs as [kv_heads,
     queries per kv head] rows (transformers' `pack_gqa`) under torch.compile too: transformers
     packs only when not compiling, and otherwise repeats the keys and values per query head,
     where torch's CPU flash kernel took 1.9 ms a layer for Llama-3.2-1B's 32 one-row heads over a
@@ -121,4 +123,3 @@ def decode_step(model: nn.Module, length: int):
     state["step"](input_ids=token, position_ids=torch.tensor([[1]]), **kw)
     state["lengths"].add(length)
     return state["step"], time.perf_counter() - clock
-

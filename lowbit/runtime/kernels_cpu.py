@@ -328,8 +328,8 @@ def _(q, k, v, mask, scale):
 def attention_decode_fits(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                           mask: torch.Tensor | None) -> bool:
     """Whether attention_decode computes sdpa's attention for these [B, heads, len, D] tensors:
-    batch 1, one query, float32/bf16 (all one dtype), keys and values laid out alike with contiguous rows, a
-    mask (if any) of one row for all heads. (Whether the C library is built is the caller's
+    batch 1, one query, float32/bf16 (all one dtype), keys and values laid out alike with
+    contiguous rows, a mask (if any) of one row for all heads. (Whether the C library is built is the caller's
     question, asked outside torch.compile's tracing, which cannot step into it.)"""
     b, h, n, d = query.shape
     kv = key.shape
