@@ -376,9 +376,9 @@ static inline __m256i dot64(__m256i b, const int16_t *x, __m256i acc) {
 #define MADD(acc, u, v) _mm512_add_epi32(acc, _mm512_madd_epi16(u, v))
 #endif
 /* acc + the products of a 128-column step (b: two blocks, lanes 0-15 and 16-31) with its
-   paired inputs x0..x3, in 16 int32 lanes. Four
-   independent multiply-adds; nibbles 1 and 2 masked in place are 16 u and 256 u, whose sums
-   come out times 16 and 256, exactly, and are shifted back (one shift fewer a nibble). */
+   paired inputs x0..x3, in 16 int32 lanes. Four independent multiply-adds; nibbles 1 and 2
+   masked in place are 16 u and 256 u, whose sums come out times 16 and 256, exactly, and are
+   shifted back (one shift fewer a nibble). */
 static inline __m512i dot128(__m512i b, __m512i x0, __m512i x1, __m512i x2, __m512i x3, __m512i acc) {
   const __m512i m = _mm512_set1_epi16(15), m1 = _mm512_set1_epi16(0xF0), m2 = _mm512_set1_epi16(0xF00);
   const __m512i z = _mm512_setzero_si512();
@@ -390,6 +390,17 @@ static inline __m512i dot128(__m512i b, __m512i x0, __m512i x1, __m512i x2, __m5
 #undef MADD
 #endif
 
+/* where row n of N starts: rows 0 .. 2 (N / 2) - 1 in pairs (the pair's bytes from there), an
+   odd last row on its own */
+static inline const uint8_t *row_at(const uint8_t *packed, int64_t n, int64_t N, int64_t K) {
+  return packed + (n - (n < N - N % 2 ? n % 2 : 0)) * (K / 2);
+}
+
+/* group j's g / 2 bytes of row r (0 or 1) of the pair at p, or of a lone row (lone = 1, r = 0) */
+static inline const uint8_t *group_of(const uint8_t *p, int lone, int r, int64_t g, int64_t j) {
+  return p + j * (lone ? g / 2 : g) + r * (g / 2);
+}
+
 /* The dot products of one input row with a row pair (R = 2) or a lone last row (R = 1) at p
    (row_at), into out[r]; s and c point at the first row's, the second's follow a row on. */
 static inline __attribute__((always_inline)) void int4_rows(
@@ -397,7 +408,7 @@ static inline __attribute__((always_inline)) void int4_rows(
     const float *s, const int32_t *c, int64_t K, int64_t g, float *out) {
   int64_t G = K / g;
   /* row r's bytes of weights k.. (k in a group, a multiple of 64) */
-#define AT(r, k) (R == 2 ? p + ((k) / g) * g + (r) * (g / 2) + ((k) % g) / 2 : p + (k) / 2)
+#define AT(r, k) (group_of(p, R == 1, r, g, (k) / g) + ((k) % g) / 2)
   /* the rows are streams: asking for each 2 KB ahead, into L2, read 8192x2048 from DRAM at
      14 GB/s against 11-12 without (AMD EPYC, one thread; into L1 or further ahead no better) */
 #define FETCH(r, k) _mm_prefetch((const char *)AT(r, k) + PREFETCH, _MM_HINT_T1)
@@ -459,19 +470,6 @@ static inline __attribute__((always_inline)) void int4_rows(
 #undef INIT
 }
 
-/* where row n of N starts: rows 0 .. 2 (N / 2) - 1 in pairs (the pair's bytes from there), an
-   odd last row on its own */
-static inline const uint8_t *row_at(const uint8_t *packed, int64_t n, int64_t N, int64_t K) {
-  return packed + (n - (n < N - N % 2 ? n % 2 : 0)) * (K / 2);
-}
-
-/* row n's group j: its g / 2 bytes */
-static inline const uint8_t *group_at(const uint8_t *packed, int64_t n, int64_t N, int64_t K,
-                                      int64_t g, int64_t j) {
-  int lone = n == N - 1 && N % 2;
-  return row_at(packed, n, N, K) + j * (lone ? g / 2 : g) + (lone ? 0 : (n % 2) * (g / 2));
-}
-
 /* out [N, K] = s * (u - c), the reference path's float32 weights, as float32 or rounded to
    the nearest bf16 (ties to even; these are finite): a prefill-sized call's dense GEMM */
 void int4_dequant(int64_t N, int64_t K, int64_t g, const uint8_t *packed, const float *s,
@@ -479,7 +477,9 @@ void int4_dequant(int64_t N, int64_t K, int64_t g, const uint8_t *packed, const 
   float *row = malloc(K * sizeof(float));
   for (int64_t n = 0; n < N; n++) {
     for (int64_t j = 0; j < K / g; j++) {
-      const uint16_t *p = (const uint16_t *)group_at(packed, n, N, K, g, j);  /* little-endian lanes */
+      int lone = n == N - 1 && N % 2;
+      const uint16_t *p = (const uint16_t *)group_of(row_at(packed, n, N, K), lone, lone ? 0 : n % 2,
+                                                     g, j);  /* little-endian lanes */
       float sj = s[n * (K / g) + j];
       int32_t cj = c[n * (K / g) + j];
       for (int64_t k = 0; k < g; k += 64)  /* the inner loop vectorizes over l */
