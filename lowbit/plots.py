@@ -7,7 +7,7 @@ from __future__ import annotations
 import io
 import math
 
-from .report import decode_speed, metric_names
+from .report import decode_speed, label, metric_names
 
 WORST = 6  # Linears shown per checkpoint
 
@@ -30,7 +30,7 @@ def plots(results: dict, analysis: dict) -> dict[str, bytes]:
     for m in [m for m in metric_names(rows) if any(r["recovery"].get(m) is not None for r in rows)]:
         pts = [(r["bytes_per_token"] / 2**20, r["recovery"][m] * 100)
                for r in rows if r["recovery"].get(m) is not None]
-        ax.plot(*zip(*pts), "o", label=m, alpha=0.8)
+        ax.plot(*zip(*pts), "o", label=label(m), alpha=0.8)
     for r in rows:
         if r["min_recovery"] is not None:
             ax.annotate(r["name"], (r["bytes_per_token"] / 2**20, r["min_recovery"] * 100), fontsize=8,

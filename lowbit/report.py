@@ -164,21 +164,32 @@ def _num(v, spec: str = ".4g") -> str:
     return "" if v is None else format(v, spec)
 
 
+def label(metric: str) -> str:
+    """A metric's column name: ROUGE's nested keys spelled with spaces so a header can wrap."""
+    for key, words in (("generation.vs_reference.", "vs reference "), ("generation.vs_baseline.", "vs base "),
+                       ("generation.", "generation ")):
+        if metric.startswith(key):
+            return words + metric[len(key):]
+    return metric
+
+
 def table(results: dict, analysis: dict) -> tuple[list[str], list[list[str]]]:
-    """The comparison table as (header, rows of cells): the base first, then each checkpoint."""
+    """The decision table as (header, rows of cells), the base first, then each checkpoint:
+    size, bits, bytes per token, every recovery, speed, memory and the gate. The metrics the
+    recoveries come from are metrics_table's."""
     rows = analysis["rows"]
     metrics = metric_names(rows)
     recovered = [m for m in metrics if any(r["recovery"].get(m) is not None for r in rows)]
     serving = sorted({k for r in [results["base"], *rows] for k in (r.get("serving") or {}).get("keys", {})})
-    header = ["checkpoint", "size on disk (MiB)", "bits/weight", "bytes/token (MiB)", *metrics,
-              *[f"recovery {m}" for m in recovered], "decode tok/s", "prefill tok/s",
+    header = ["checkpoint", "size on disk (MiB)", "bits/weight", "bytes/token (MiB)",
+              *[f"recovery {label(m)}" for m in recovered], "decode tok/s", "prefill tok/s",
               "resident memory (MiB)", "peak RSS (MiB)", *[f"{k} ({_unit(k)})" for k in serving], "gate"]
     body = []
     for r in [dict(results["base"], recovery={}, passed=None), *rows]:
         sp, sv, ref = r.get("speed") or {}, r.get("serving") or {}, r["passed"] is None
-        gate = "" if ref else "PASS" if r["passed"] else f"FAIL ({', '.join(r['failing'])})"
+        gate = "" if ref else "PASS" if r["passed"] else f"FAIL ({', '.join(map(label, r['failing']))})"
         body.append([r["name"], _num(r["size_bytes"] / 2**20, ".2f"), _num(r.get("bits_per_weight"), ".2f"),
-                     _num(r["bytes_per_token"] / 2**20, ".2f"), *[_num(r["metrics"].get(m)) for m in metrics],
+                     _num(r["bytes_per_token"] / 2**20, ".2f"),
                      *["reference" if ref else _pct(r["recovery"].get(m), (r.get("recovery_ci95") or {}).get(m))
                        for m in recovered],
                      _num(sp.get("decode_tok_s"), ".1f"), _num(sp.get("prefill_tok_s"), ".1f"),
@@ -186,6 +197,14 @@ def table(results: dict, analysis: dict) -> tuple[list[str], list[list[str]]]:
                        for k in ("memory_bytes", "peak_rss_bytes")],
                      *[_num(sv.get(k)) for k in serving], gate])
     return header, body
+
+
+def metrics_table(results: dict, analysis: dict) -> tuple[list[str], list[list[str]]]:
+    """Every measured metric's value per checkpoint (the base first), as (header, rows)."""
+    rows = analysis["rows"]
+    metrics = metric_names([results["base"], *rows])
+    return (["checkpoint", *map(label, metrics)],
+            [[r["name"], *[_num(r["metrics"].get(m)) for m in metrics]] for r in [results["base"], *rows]])
 
 
 def _unit(key: str) -> str:
@@ -212,9 +231,10 @@ def notes(results: dict) -> list[str]:
         from .quality import RESAMPLES, SEED
 
         lines.append(f"Generation: {ev['generate']} held-out chat prompts answered greedily (at most "
-                     f"{ev['max_new_tokens']} new tokens, lowbit's batched runtime). generation.vs_reference.*: "
-                     "ROUGE F-measure (Porter stemming) against the dataset's replies, recovered as "
-                     "ckpt/base and gated (MLPerf's accuracy criterion); generation.vs_baseline.*: ROUGE "
+                     f"{ev['max_new_tokens']} new tokens, lowbit's batched runtime). vs reference "
+                     "(generation.vs_reference.* in results.json): ROUGE F-measure (Porter stemming) "
+                     "against the dataset's replies, recovered as ckpt/base and gated (MLPerf's accuracy "
+                     "criterion); vs base (generation.vs_baseline.*): ROUGE "
                      "against the base's answers and the exact-match rate, which measure sameness, not "
                      "quality: shown, not gated. A recovery in brackets is its 95 % interval: a "
                      f"paired percentile bootstrap over the prompts ({RESAMPLES} resamples, seed {SEED}); the gate "
@@ -259,10 +279,12 @@ def notes(results: dict) -> list[str]:
 
 def markdown(results: dict, analysis: dict) -> str:
     """The report as Markdown: table, recommendations, notes."""
-    header, body = table(results, analysis)
-    out = [f"# lowbit compare: {results['base']['path']}", "",
-           "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    out += ["| " + " | ".join(row) + " |" for row in body]
+    def md(header, body):
+        return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+                *["| " + " | ".join(row) + " |" for row in body]]
+
+    out = [f"# lowbit compare: {results['base']['path']}", "", *md(*table(results, analysis)),
+           "", "## Measured metrics", "", *md(*metrics_table(results, analysis))]
     out += ["", "## Recommendation", ""]
     for d, rec in analysis["recommendations"].items():
         out.append(f"- **{d}**: {rec['pick'] or 'none'}: {rec['why']}")
@@ -273,9 +295,12 @@ def markdown(results: dict, analysis: dict) -> str:
 def html(results: dict, analysis: dict, pngs: dict[str, bytes]) -> str:
     """One self-contained page: the table, the plots as data: URIs, recommendations, notes."""
     e = _html.escape
-    header, body = table(results, analysis)
-    rows = "".join("<tr>" + "".join(f'<td class="{_cls(c)}">{e(c)}</td>' for c in row) + "</tr>"
-                   for row in body)
+
+    def tab(header, body):
+        rows = "".join("<tr>" + "".join(f'<td class="{_cls(c)}">{e(c)}</td>' for c in row) + "</tr>"
+                       for row in body)
+        return f"<table><thead><tr>{''.join(f'<th>{e(h)}</th>' for h in header)}</tr></thead><tbody>{rows}</tbody></table>"
+
     imgs = "".join(f'<figure><img alt="{e(n)}" src="data:image/png;base64,{base64.b64encode(p).decode()}">'
                    f"<figcaption>{e(CAPTIONS.get(n, n))}</figcaption></figure>" for n, p in pngs.items())
     recs = "".join(f"<li><b>{e(d)}</b>: {e(r['pick'] or 'none')}: {e(r['why'])}</li>"
@@ -287,15 +312,16 @@ def html(results: dict, analysis: dict, pngs: dict[str, bytes]) -> str:
 body {{ font-family: sans-serif; margin: 2em; color: #222; }}
 table {{ border-collapse: collapse; font-size: 0.85em; }}
 th, td {{ border: 1px solid #ccc; padding: 0.3em 0.5em; text-align: right; }}
-td {{ white-space: nowrap; }}
+td {{ white-space: nowrap; }} td.fail {{ white-space: normal; min-width: 12em; text-align: left; }}
 td:first-child, th {{ text-align: left; }}
 .pass {{ background: #d9f2d9; }} .fail {{ background: #f7d4d4; }}
 figure {{ display: inline-block; margin: 1em; }} img {{ max-width: 100%; }}
 </style></head><body>
 <h1>lowbit compare: {e(str(results['base']['path']))}</h1>
-<table><thead><tr>{''.join(f'<th>{e(h)}</th>' for h in header)}</tr></thead><tbody>{rows}</tbody></table>
+{tab(*table(results, analysis))}
 <h2>Recommendation</h2><ul>{recs}</ul>
 <h2>Plots</h2>{imgs}
+<h2>Measured metrics</h2>{tab(*metrics_table(results, analysis))}
 <h2>How it was measured</h2><ul>{notes_html}</ul>
 </body></html>
 """

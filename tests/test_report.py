@@ -99,7 +99,7 @@ def test_scores_a_richer_evaluation_returns_join_the_table_and_the_gate():
     assert row["recovery"]["tasks.hellaswag.acc"] == pytest.approx(0.95)
     assert row["failing"] == ["tasks.hellaswag.acc"]
     header, _ = report.table(results, a)
-    assert {"recovery tasks.hellaswag.acc", "recovery generation.rouge1_recovery"} <= set(header)
+    assert {"recovery tasks.hellaswag.acc", "recovery generation rouge1_recovery"} <= set(header)
 
 
 def test_rouge_and_task_scores_as_evaluate_returns_them_recover_as_their_evaluators_do():
@@ -150,12 +150,17 @@ def test_rouge_recovery_intervals_reach_the_table_results_and_html():
     results["evaluation"]["generate"], results["evaluation"]["max_new_tokens"] = 4, 8
     a = report.analyze(results)
     header, body = report.table(results, a)
-    cell = body[1][header.index("recovery generation.vs_reference.rouge1")]
+    cell = body[1][header.index("recovery vs reference rouge1")]
     lo, hi = gen["vs_reference"]["rouge1"]["ci95"]
     point = gen["vs_reference"]["rouge1"]["recovery"]
     assert lo <= point <= hi and lo < hi
     assert cell == f"{point * 100:.2f} % [{lo * 100:.1f}, {hi * 100:.1f}]"
     assert body[1][header.index("recovery ppl")] == "100.00 %"  # no interval where none was computed
+    # the values the recoveries come from are in a table of their own, under the same labels
+    names, values = report.metrics_table(results, a)
+    assert "ppl" not in header and values[1][names.index("ppl")] == "10"
+    rouge1 = gen["vs_reference"]["rouge1"]["model"]
+    assert values[1][names.index("vs reference rouge1")] == format(rouge1, ".4g")
     assert cell in report.markdown(results, a) and html.escape(cell) in report.html(results, a, {})
     assert "95 % interval" in report.markdown(results, a)
 
