@@ -142,7 +142,10 @@ def analyze(results: dict) -> dict:
     for ckpt in results["checkpoints"]:
         rec = recovery(base["metrics"], ckpt["metrics"])
         passed, failing = verdict(rec, gate)
-        rows.append({**ckpt, "recovery": rec, "passed": passed, "failing": failing,
+        ci = ckpt.get("recovery_ci95") or {}
+        # a failure the metric's own 95 % interval does not rule out: more prompts would decide it
+        unsure = [m for m in failing if m in ci and ci[m][1] * 100 >= gate]
+        rows.append({**ckpt, "recovery": rec, "passed": passed, "failing": failing, "unsure": unsure,
                      "min_recovery": min((r for r in rec.values() if r is not None), default=None)})
     timed = [r for r in rows if decode_speed(r) and r["min_recovery"] is not None]
     for k in pareto_front([(decode_speed(r)[0], r["min_recovery"]) for r in timed]):
@@ -187,7 +190,8 @@ def table(results: dict, analysis: dict) -> tuple[list[str], list[list[str]]]:
     body = []
     for r in [dict(results["base"], recovery={}, passed=None), *rows]:
         sp, sv, ref = r.get("speed") or {}, r.get("serving") or {}, r["passed"] is None
-        gate = "" if ref else "PASS" if r["passed"] else f"FAIL ({', '.join(map(label, r['failing']))})"
+        gate = "" if ref else "PASS" if r["passed"] else f"FAIL ({', '.join(map(label, r['failing']))})" + (
+            f"; 95 % interval reaches the gate: {', '.join(map(label, r['unsure']))}" if r.get("unsure") else "")
         body.append([r["name"], _num(r["size_bytes"] / 2**20, ".2f"), _num(r.get("bits_per_weight"), ".2f"),
                      _num(r["bytes_per_token"] / 2**20, ".2f"),
                      *["reference" if ref else _pct(r["recovery"].get(m), (r.get("recovery_ci95") or {}).get(m))
@@ -238,7 +242,8 @@ def notes(results: dict) -> list[str]:
                      "against the base's answers and the exact-match rate, which measure sameness, not "
                      "quality: shown, not gated. A recovery in brackets is its 95 % interval: a "
                      f"paired percentile bootstrap over the prompts ({RESAMPLES} resamples, seed {SEED}); the gate "
-                     "reads the point value.")
+                     "reads the point value, and a FAIL says which failing metrics' intervals reach the "
+                     "gate (more prompts, --generate N, would decide those).")
     if ev.get("tasks"):
         lines.append(f"Tasks: lm-evaluation-harness {ev['tasks']} on lowbit's runtime (limit "
                      f"{ev.get('limit')}, num_fewshot {ev.get('num_fewshot')}: None is all documents, "

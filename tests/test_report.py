@@ -156,6 +156,14 @@ def test_rouge_recovery_intervals_reach_the_table_results_and_html():
     assert lo <= point <= hi and lo < hi
     assert cell == f"{point * 100:.2f} % [{lo * 100:.1f}, {hi * 100:.1f}]"
     assert body[1][header.index("recovery ppl")] == "100.00 %"  # no interval where none was computed
+    # a failure its own interval does not rule out says so; one the interval rules out does not
+    for gate, says in ((hi * 100 - 0.01, True), (hi * 100 + 0.01, False)):
+        results["gate"] = gate
+        g = report.table(results, report.analyze(results))[1][1][-1]
+        assert g.startswith("FAIL (") and ("vs reference rouge1" in g) == (point * 100 < gate)
+        unsure = g.split("95 % interval reaches the gate: ")[1].split(", ") if "interval" in g else []
+        assert ("vs reference rouge1" in unsure) == (says and point * 100 < gate)
+    results["gate"] = 99
     # the values the recoveries come from are in a table of their own, under the same labels
     names, values = report.metrics_table(results, a)
     assert "ppl" not in header and values[1][names.index("ppl")] == "10"
