@@ -72,7 +72,7 @@ def library() -> ctypes.CDLL | None:
     lib = ctypes.CDLL(str(so))
     i64, ptr = ctypes.c_int64, ctypes.c_void_p
     lib.fp8_gemv.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr]
-    lib.fp4_gemv.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, i64, ptr]
+    lib.fp4_gemv.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ctypes.c_int, ptr, i64, ptr]
     lib.fp8_to_bf16.argtypes = [i64, i64, ptr, ptr, ptr]
     lib.fp8_to_f32.argtypes = [i64, ptr, ptr, ptr]
     lib.fp4_to_bf16.argtypes = [i64, i64, ptr, ptr, ptr, i64, ptr]

@@ -141,11 +141,32 @@ void fp8_gemv(int64_t M, int64_t N, int64_t K, const float *x, const uint8_t *co
     for (int64_t m = 0; m < M; m++) y[m * N + n] = fp8_dot(x + m * K, codes + n * K, K, lut);
 }
 
-/* xe . even and xo . odd columns of one FP4 row (bytes p[0..H), group scales s, hg bytes a
-   group), fused as fp8_dot is: the codes' values from a register table, times the group scale
-   after the pair's sum. Scalar fallback as fp4_row. */
+/* the value of stored FP4 group scale byte b: E4M3 (e8m0 = 0, by the 256-entry table) or an
+   E8M0 exponent, 2^(b - 127) (b = 0: 2^-127, float32's subnormal 0x00400000) */
+static inline float fp4_scale(uint8_t b, int e8m0, const float *lut) {
+  if (!e8m0) return lut[b];
+  uint32_t u = b ? (uint32_t)b << 23 : 0x00400000u;
+  float f;
+  memcpy(&f, &u, 4);
+  return f;
+}
+
+#if defined(__AVX512F__)
+/* the values of 16 E4M3 group scales (non-negative) at s: each byte an FP16 of the same bits
+   shifted (0 eeee mmm -> 0 0eeee mmm0000000, the value / 256, subnormals included), as fp8_row */
+static inline __m512 e4m3x16(const uint8_t *s) {
+  __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)s));
+  h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16(0x3F80));
+  return _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f));
+}
+#endif
+
+/* xe . even and xo . odd columns of one FP4 row (bytes p[0..H), stored group scale bytes s
+   (fp4_scale), hg bytes a group), fused as fp8_dot is: the codes' values from a register
+   table, times the group scale after the pair's sum. The scales are read as stored (1 byte a
+   group) and converted here: NVFP4's 16 at a time, 256 weights' worth, MXFP4's one a step. */
 static float fp4_dot(const float *xe, const float *xo, const uint8_t *p, int64_t H,
-                     const float *lut16, const float *s, int64_t hg) {
+                     const float *lut16, const uint8_t *s, int e8m0, const float *lut, int64_t hg) {
   int64_t j = 0;
   float acc = 0.f;
 #if defined(__AVX512F__)
@@ -154,40 +175,53 @@ static float fp4_dot(const float *xe, const float *xo, const uint8_t *p, int64_t
     const __m512i low = _mm512_set1_epi32(15);
     const __m512i pairs = _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0);
     __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-    for (; j + 32 <= H; j += 32) {
-#define FP4_STEP(o, acc)                                                                       \
+#define FP4_STEP(o, acc, sv)                                                                   \
       {                                                                                       \
         __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(p + j + (o))));    \
-        __m512 sv = hg == 8 ? _mm512_permutexvar_ps(pairs, _mm512_maskz_loadu_ps(3, s + (j + (o)) / 8)) \
-                            : _mm512_set1_ps(s[(j + (o)) / hg]);                               \
         __m512 t = _mm512_mul_ps(_mm512_loadu_ps(xe + j + (o)),                                 \
                                  _mm512_permutexvar_ps(_mm512_and_si512(b, low), table));      \
         t = _mm512_fmadd_ps(_mm512_loadu_ps(xo + j + (o)),                                      \
                             _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), table), t);         \
         acc = _mm512_fmadd_ps(t, sv, acc);                                                     \
       }
-      FP4_STEP(0, a0)
-      FP4_STEP(16, a1)
+    /* a step's 16 bytes are two NVFP4 groups (lanes 0-7 and 8-15), or within one wider group */
+#define STEP_SCALES(o) (hg == 8 ? _mm512_permutexvar_ps(pairs, _mm512_set_ps(                  \
+      0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, fp4_scale(s[(j + (o)) / 8 + 1], e8m0, lut),      \
+      fp4_scale(s[(j + (o)) / 8], e8m0, lut))) : _mm512_set1_ps(fp4_scale(s[(j + (o)) / hg], e8m0, lut)))
+    if (hg == 8 && !e8m0)
+      for (; j + 128 <= H; j += 128) {  /* 16 groups: their scales in one register */
+        __m512 s16 = e4m3x16(s + j / 8);
+        for (int o = 0; o < 128; o += 32) {
+          FP4_STEP(o, a0, _mm512_permutexvar_ps(_mm512_add_epi32(pairs, _mm512_set1_epi32(o / 8)), s16))
+          FP4_STEP(o + 16, a1, _mm512_permutexvar_ps(_mm512_add_epi32(pairs, _mm512_set1_epi32(o / 8 + 2)), s16))
+        }
+      }
+    for (; j + 32 <= H; j += 32) {
+      FP4_STEP(0, a0, STEP_SCALES(0))
+      FP4_STEP(16, a1, STEP_SCALES(16))
     }
-    for (; j + 16 <= H; j += 16) FP4_STEP(0, a0)
+    for (; j + 16 <= H; j += 16) FP4_STEP(0, a0, STEP_SCALES(0))
+#undef STEP_SCALES
+#undef FP4_STEP
     acc = _mm512_reduce_add_ps(_mm512_add_ps(a0, a1));
   }
 #endif
   for (; j < H; j++)
-    acc += (xe[j] * lut16[p[j] & 15] + xo[j] * lut16[p[j] >> 4]) * s[j / hg];
+    acc += (xe[j] * lut16[p[j] & 15] + xo[j] * lut16[p[j] >> 4]) * fp4_scale(s[j / hg], e8m0, lut);
   return acc;
 }
 
-/* y[m, n] = sum_k x[m, k] * e2m1(n, k) * scale[n, k / group]; packed [N, K/2], scale
-   [N, K/group] float32, xe / xo the even / odd columns of x, [M, K/2] each */
+/* y[m, n] = sum_k x[m, k] * e2m1(n, k) * scale(n, k / group); packed [N, K/2], scale [N,
+   K/group] the stored bytes (fp4_scale: E4M3 by lut, or E8M0 where e8m0), xe / xo the even /
+   odd columns of x, [M, K/2] each */
 void fp4_gemv(int64_t M, int64_t N, int64_t K, const float *xe, const float *xo,
-              const uint8_t *packed, const float *lut16, const float *scale, int64_t group,
-              float *y) {
+              const uint8_t *packed, const float *lut16, const uint8_t *scale, int e8m0,
+              const float *lut, int64_t group, float *y) {
   int64_t H = K / 2;
   for (int64_t n = 0; n < N; n++)
     for (int64_t m = 0; m < M; m++)
       y[m * N + n] = fp4_dot(xe + m * H, xo + m * H, packed + n * H, H, lut16,
-                             scale + n * (K / group), group / 2);
+                             scale + n * (K / group), e8m0, lut, group / 2);
 }
 
 /* out[i] = value of E4M3 byte codes[i] as float32 (FP4 group scales, per call) */

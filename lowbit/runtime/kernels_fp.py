@@ -59,20 +59,24 @@ def fp8_to_bf16(codes: torch.Tensor) -> torch.Tensor:
 
 
 @torch.library.custom_op("lowbit::fp4_gemv", mutates_args=())
-def fp4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+def fp4_gemv(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, e8m0: bool,
+             group: int) -> torch.Tensor:
     """x [M, K] @ (E2M1 codes * group scales).T as float32 [M, N]; packed uint8 [N, K/2],
-    scale float32 [N, K/group]."""
+    scale [N, K/group] the stored scale bytes (E4M3, or E8M0 where e8m0), converted in the
+    kernel: a float32 copy made per call would be written and read again every step, 4 bytes a
+    group against the codes' 8 (NVFP4)."""
     x = x.float()
     xe, xo = x[:, 0::2].contiguous(), x[:, 1::2].contiguous()
     (m, k), n = x.shape, packed.shape[0]
     y = torch.empty(m, n)
-    library().fp4_gemv(m, n, k, xe.data_ptr(), xo.data_ptr(), packed.data_ptr(),
-                       _tables()["fp4"].data_ptr(), scale.data_ptr(), group, y.data_ptr())
+    library().fp4_gemv(m, n, k, xe.data_ptr(), xo.data_ptr(), packed.data_ptr(), _tables()["fp4"].data_ptr(),
+                       scale.contiguous().view(torch.uint8).data_ptr(), int(e8m0), _tables()["fp8"].data_ptr(),
+                       group, y.data_ptr())
     return y
 
 
 @fp4_gemv.register_fake
-def _(x, packed, scale, group):
+def _(x, packed, scale, e8m0, group):
     return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
 
 
@@ -147,10 +151,9 @@ def fp4_mm(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, kind: str
     float32 output) or None. Rows >= dense_from: one dense GEMM in `dtype` on codes times
     group scales, exact in bf16 (2 significant bits times 4, or times a power of two)."""
     flat = x.reshape(-1, x.shape[-1])
-    units = fp4_units(scale, kind)
     if flat.shape[0] >= dense_from:
-        w = fp4_to_bf16(packed, units, group).to(dtype)
+        w = fp4_to_bf16(packed, fp4_units(scale, kind), group).to(dtype)
         y = torch.nn.functional.linear(flat.to(dtype), w).float()
     else:
-        y = fp4_gemv(flat, packed, units, group)
+        y = fp4_gemv(flat, packed, scale, kind == "e8m0", group)
     return _finish(y if divide is None else y / divide, x, bias)
