@@ -41,9 +41,13 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=32)
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                    help="what every path computes in (auto: bf16 where this CPU runs it natively); "
+                         "float32 keeps the reference's own bf16 rounding out of the comparison")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
-    print(f"CPU ISA {cpu_isa()}, torch {torch.__version__}, {a.windows} windows x {a.seq_len} tokens")
+    print(f"CPU ISA {cpu_isa()}, torch {torch.__version__}, {a.windows} windows x {a.seq_len} tokens, "
+          f"compute {a.compute_dtype}")
     print("| checkpoint | path | kernels | KL | KL / reference | top-1 |\n|---|---|---|---|---|---|")
     for spec in a.quantized:
         name, _, path = spec.partition("=")
@@ -53,11 +57,11 @@ def main() -> None:
             rows_path(rows)
             kernels = "dequantized"
             if packed:
-                m = lowbit.load(path, "auto")
+                m = lowbit.load(path, a.compute_dtype)
                 kernels = "+".join(sorted({getattr(x, "kernel", "") for x in m.modules()} - {""}))
                 del m
             r = lowbit.evaluate(path, a.original, windows=a.windows, seq_len=a.seq_len, device="cpu",
-                                packed=packed)
+                                packed=packed, compute=a.compute_dtype)
             rows_path(False)
             kl, top1 = r["kl"], r["top1"]
             ref = ref if ref is not None else kl
