@@ -210,7 +210,11 @@ def _scheme_name(path: Path) -> str:
     report = Path(path) / "lowbit_report.json"
     if report.is_file():
         r = json.loads(report.read_text())
-        return r.get("scheme", "?") + (" + FP8 KV cache" if r.get("kv_cache") else "")
+        kept: dict[str, int] = {}  # a mixed checkpoint's override schemes, by pattern count
+        for o in (r.get("overrides") or {}).values():
+            kept[o["scheme"]] = kept.get(o["scheme"], 0) + 1
+        return r.get("scheme", "?") + "".join(f" + {s} ({n} override pattern(s))" for s, n in kept.items()) \
+            + (" + FP8 KV cache" if r.get("kv_cache") else "")
     return "unquantized" if not _quantized(path) else "compressed-tensors (not written by lowbit)"
 
 

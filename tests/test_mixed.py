@@ -74,6 +74,10 @@ def test_one_config_group_per_scheme_with_targets_naming_its_layers(made):
     assert ModelCompressor.from_compression_config(ct).quantization_config == parsed
     assert api.REPORT_FILE and json.loads((made["mixed"] / api.REPORT_FILE).read_text())["overrides"] == {
         "layers.0.*": {"scheme": "W8A8_INT8", "algorithm": "rtn"}}
+    from lowbit.verify import _scheme_name  # what `lowbit verify` calls it: the mix, not the base alone
+
+    assert _scheme_name(made["mixed"]) == "W4A16 + W8A8_INT8 (1 override pattern(s))"
+    assert _scheme_name(made["W4A16"]) == "W4A16"
 
 
 def test_each_linear_decompresses_with_its_own_group_to_our_weights(made):
