@@ -17,19 +17,24 @@ static inline float hsum256(__m256 v) {  /* the sum of a register's eight floats
 
 /* ---- FP8 (E4M3) and FP4 (E2M1) weights, runtime/kernels_fp.py ---- */
 
-/* One weight row as float32 values. FP8: w[k] = value of E4M3 byte c[k]. AVX512 makes each
-   byte an FP16 with the same bits shifted (s eeee mmm -> s 0eeee mmm0000000: the value / 256,
-   subnormals included) and converts 16 at a time; elsewhere a 256-entry table. */
+#if defined(__AVX512F__)
+/* The values of the 16 E4M3 bytes at c, divided by 256, as float32: each byte becomes an FP16
+   with the same bits shifted (s eeee mmm -> s 0eeee mmm0000000: the value / 256, subnormals
+   included), widened by the AVX512 instruction. Callers scale by 256 (exact) where they need
+   the values themselves, a dot product once at the end. */
+static inline __m512 e4m3x16_256th(const uint8_t *c) {
+  __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)c));
+  return _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16((short)0xBF80)));
+}
+#endif
+
+/* One weight row as float32 values. FP8: w[k] = value of E4M3 byte c[k]. AVX512 converts 16 at
+   a time (e4m3x16_256th); elsewhere a 256-entry table. */
 static void fp8_row(const uint8_t *c, int64_t K, const float *lut, float *w) {
   int64_t k = 0;
 #if defined(__AVX512F__)
-  const __m256i mask = _mm256_set1_epi16((short)0xBF80);
   const __m512 k256 = _mm512_set1_ps(256.f);
-  for (; k + 16 <= K; k += 16) {
-    __m256i h = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(c + k)));
-    h = _mm256_and_si256(_mm256_slli_epi16(h, 7), mask);
-    _mm512_storeu_ps(w + k, _mm512_mul_ps(_mm512_cvtph_ps(h), k256));
-  }
+  for (; k + 16 <= K; k += 16) _mm512_storeu_ps(w + k, _mm512_mul_ps(e4m3x16_256th(c + k), k256));
 #endif
   for (; k < K; k++) w[k] = lut[c[k]];
 }
@@ -62,7 +67,7 @@ static void fp4_row(const uint8_t *p, int64_t H, const float *lut16, const float
 }
 
 /* x . values of E4M3 bytes c, the conversion fused into the dot product (no row written out
-   and read back): each byte becomes an FP16 with its bits shifted (fp8_row's trick: the value
+   and read back): each byte becomes an FP16 with its bits shifted (e4m3x16_256th: the value
    / 256, subnormals included) and widened to float32 by the F16C / AVX512 instruction; the sum
    is scaled back by 256 (exact) at the end. Four accumulators: one would wait on each FMA's
    latency (4 cycles). */
@@ -70,10 +75,8 @@ static float fp8_dot(const float *x, const uint8_t *c, int64_t K, const float *l
   int64_t k = 0;
   float acc = 0.f;
 #if defined(__AVX512F__)
-  const __m256i mask = _mm256_set1_epi16((short)0xBF80);
   __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-#define F16(o) _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(_mm256_cvtepi8_epi16( \
-    _mm_loadu_si128((const __m128i *)(c + k + (o)))), 7), mask))
+#define F16(o) e4m3x16_256th(c + k + (o))
   for (; k + 64 <= K; k += 64) {
     s0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), F16(0), s0);
     s1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), F16(16), s1);
@@ -109,14 +112,11 @@ static float fp8_dot(const float *x, const uint8_t *c, int64_t K, const float *l
 #define TILE_K 4096
 static void fp8_dot4(const float *x, const uint8_t *c, int64_t ld, int64_t K, const float *lut,
                      float *out) {
-  const __m256i mask = _mm256_set1_epi16((short)0xBF80);
   __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
   int64_t k = 0;
   for (; k + 16 <= K; k += 16) {
     __m512 xv = _mm512_loadu_ps(x + k);
-    for (int r = 0; r < 4; r++)
-      a[r] = _mm512_fmadd_ps(xv, _mm512_cvtph_ps(_mm256_and_si256(_mm256_slli_epi16(
-          _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(c + r * ld + k))), 7), mask)), a[r]);
+    for (int r = 0; r < 4; r++) a[r] = _mm512_fmadd_ps(xv, e4m3x16_256th(c + r * ld + k), a[r]);
   }
   for (int r = 0; r < 4; r++) {
     out[r] = 256.f * _mm512_reduce_add_ps(a[r]);
@@ -151,16 +151,6 @@ static inline float fp4_scale(uint8_t b, int e8m0, const float *lut) {
   return f;
 }
 
-#if defined(__AVX512F__)
-/* the values of 16 E4M3 group scales (non-negative) at s: each byte an FP16 of the same bits
-   shifted (0 eeee mmm -> 0 0eeee mmm0000000, the value / 256, subnormals included), as fp8_row */
-static inline __m512 e4m3x16(const uint8_t *s) {
-  __m256i h = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)s));
-  h = _mm256_and_si256(_mm256_slli_epi16(h, 7), _mm256_set1_epi16(0x3F80));
-  return _mm512_mul_ps(_mm512_cvtph_ps(h), _mm512_set1_ps(256.f));
-}
-#endif
-
 /* xe . even and xo . odd columns of one FP4 row (bytes p[0..H), stored group scale bytes s
    (fp4_scale), hg bytes a group), fused as fp8_dot is: the codes' values from a register
    table, times the group scale after the pair's sum. The scales are read as stored (1 byte a
@@ -190,7 +180,7 @@ static float fp4_dot(const float *xe, const float *xo, const uint8_t *p, int64_t
       fp4_scale(s[(j + (o)) / 8], e8m0, lut))) : _mm512_set1_ps(fp4_scale(s[(j + (o)) / hg], e8m0, lut)))
     if (hg == 8 && !e8m0)
       for (; j + 128 <= H; j += 128) {  /* 16 groups: their scales in one register */
-        __m512 s16 = e4m3x16(s + j / 8);
+        __m512 s16 = _mm512_mul_ps(e4m3x16_256th(s + j / 8), _mm512_set1_ps(256.f));
         for (int o = 0; o < 128; o += 32) {
           FP4_STEP(o, a0, _mm512_permutexvar_ps(_mm512_add_epi32(pairs, _mm512_set1_epi32(o / 8)), s16))
           FP4_STEP(o + 16, a1, _mm512_permutexvar_ps(_mm512_add_epi32(pairs, _mm512_set1_epi32(o / 8 + 2)), s16))
