@@ -247,13 +247,20 @@ def grid_for(spec: QuantSpec, scale_dtype: torch.dtype = torch.float32) -> Scale
     raise NotImplementedError(f"no numerics for {spec}")
 
 
+def activation_codes(grid: ScaleGrid, flat: torch.Tensor, p: QParams | None = None
+                     ) -> tuple[torch.Tensor, QParams]:
+    """The codes and parameters of activations flat [rows, cols] as a runtime computes them
+    (float32 quotients, no NaN scan), fitted per row where p is None: what qdq decodes, and
+    what an integer kernel multiplies (runtime/kernels_cpu.int8_dynamic_mm)."""
+    p = grid.fit(flat) if p is None else p
+    return grid.encode(flat, p, torch.float32, check=False), p
+
+
 def qdq(grid: ScaleGrid, x: torch.Tensor, p: QParams | None = None) -> torch.Tensor:
     """Quantize-dequantize activations x[..., features] (p=None: dynamic, fitted per row, or per
     group of `group_size` features for group specs)."""
     g = grid.spec.group_size if grid.spec.granularity == "group" else x.shape[-1]
-    flat = x.reshape(-1, g)
-    p = grid.fit(flat) if p is None else p
-    codes = grid.encode(flat, p, torch.float32, check=False)
+    codes, p = activation_codes(grid, x.reshape(-1, g), p)
     if (p.zero is None and p.scale.numel() == 1 and not torch.compiler.is_compiling()
             and p.scale.to(x.dtype).float() == p.scale):
         # Codes (<= 8 significant bits) times a scale exact in x's dtype round once either
@@ -264,11 +271,16 @@ def qdq(grid: ScaleGrid, x: torch.Tensor, p: QParams | None = None) -> torch.Ten
     return grid.decode(codes, p).to(x.dtype).reshape(x.shape)
 
 
+def activation_grid(spec: QuantSpec) -> ScaleGrid | FP4Grid:
+    """The grid activations of `spec` are quantized on at run time: scales follow the serving
+    engine's rule, amax as it is (no clipped-range search)."""
+    return dataclasses.replace(grid_for(spec), shrink=(1.0,))
+
+
 def activation_qdq(spec: QuantSpec, scale: torch.Tensor | None = None) -> Callable[[torch.Tensor], torch.Tensor]:
     """x -> quantize-dequantize(x) as a runtime computes it: with the stored static per-tensor
     `scale`, or (dynamic specs) with float32 scales fitted to each token at run time."""
-    # runtime scales follow the serving engine's rule: no clipped-range search
-    grid = dataclasses.replace(grid_for(spec), shrink=(1.0,))
+    grid = activation_grid(spec)
     if spec.dynamic:
         return lambda x: qdq(grid, x)
     if spec.granularity == "tensor":

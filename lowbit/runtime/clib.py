@@ -78,6 +78,8 @@ def library() -> ctypes.CDLL | None:
     lib.fp4_to_bf16.argtypes = [i64, i64, ptr, ptr, ptr, i64, ptr]
     lib.bf16_gemv.argtypes = [i64, i64, i64, ptr, ptr, ptr]
     lib.int4_gemv.argtypes = [i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr]
+    lib.int8_gemv.argtypes = [i64, i64, i64, ptr, ptr, ptr, ptr]
+    lib.int8_token_codes.argtypes = [i64, i64, ptr, ptr, ptr]
     lib.int4_vector_bits.restype = ctypes.c_int
     lib.int4_dequant.argtypes = [i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ptr]
     lib.attn_decode.argtypes = [i64, i64, i64, i64, i64, ptr, ptr, ptr, ctypes.c_int, ptr, ctypes.c_int,

@@ -562,6 +562,104 @@ void int4_gemv(int64_t M, int64_t N, int64_t K, int64_t g, const float *x, const
   free(asum);
 }
 
+/* ---- INT8 weights, float32 inputs (W8A16): y[m, n] = scale[n] * sum_k x[m, k] codes[n, k] ----
+   Each code widens to int32 and converts to float32 exactly (|code| <= 128), so the products
+   are the reference path's x * (code * scale) up to where the scale is applied: one float32
+   rounding of the sum, not of each product. Float32 inputs as they come (torch's int8pack
+   kernel takes bf16 inputs only, a 2^-9 rounding of each). Four accumulators, as fp8_dot. */
+static float int8_dot(const float *x, const int8_t *c, int64_t K) {
+  int64_t k = 0;
+  float acc = 0.f;
+#if defined(__AVX512F__)
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+#define I8(o) _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(c + k + (o)))))
+  for (; k + 64 <= K; k += 64) {
+    s0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), I8(0), s0);
+    s1 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 16), I8(16), s1);
+    s2 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 32), I8(32), s2);
+    s3 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k + 48), I8(48), s3);
+  }
+  for (; k + 16 <= K; k += 16) s0 = _mm512_fmadd_ps(_mm512_loadu_ps(x + k), I8(0), s0);
+#undef I8
+  acc = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+#elif defined(__AVX2__)
+  __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+#define I8(o) _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(c + k + (o)))))
+  for (; k + 32 <= K; k += 32) {
+    s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), I8(0), s0);
+    s1 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 8), I8(8), s1);
+    s2 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 16), I8(16), s2);
+    s3 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k + 24), I8(24), s3);
+  }
+  for (; k + 8 <= K; k += 8) s0 = _mm256_fmadd_ps(_mm256_loadu_ps(x + k), I8(0), s0);
+#undef I8
+  acc = hsum256(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+#endif
+  for (; k < K; k++) acc += x[k] * (float)c[k];
+  return acc;
+}
+
+#if defined(__AVX512F__)
+/* Four rows a pass (rows K bytes apart), each load of x shared by the four, for inputs of
+   TILE_K or more, as fp8_dot4: one row at a time re-read a 32 KB x from L2 for every row
+   (8.5 GB/s at 2048x8192 from DRAM, AMD EPYC, one thread; four rows 15.8), while at K <= 2048
+   four streams read slower than one (49152x576: 7.4 GB/s against 14.0). */
+static void int8_dot4(const float *x, const int8_t *c, int64_t K, float *out) {
+  __m512 a[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    __m512 xv = _mm512_loadu_ps(x + k);
+    for (int r = 0; r < 4; r++)
+      a[r] = _mm512_fmadd_ps(xv, _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_loadu_si128((const __m128i *)(c + r * K + k)))), a[r]);
+  }
+  for (int r = 0; r < 4; r++) {
+    out[r] = _mm512_reduce_add_ps(a[r]);
+    for (int64_t t = k; t < K; t++) out[r] += x[t] * (float)c[r * K + t];
+  }
+}
+#endif
+
+void int8_gemv(int64_t M, int64_t N, int64_t K, const float *x, const int8_t *codes,
+               const float *scale, float *y) {
+  int64_t n = 0;
+#if defined(__AVX512F__)
+  float out[4];
+  for (; K >= TILE_K && n + 4 <= N; n += 4)
+    for (int64_t m = 0; m < M; m++) {
+      int8_dot4(x + m * K, codes + n * K, K, out);
+      for (int r = 0; r < 4; r++) y[m * N + n + r] = scale[n + r] * out[r];
+    }
+#endif
+  for (; n < N; n++)
+    for (int64_t m = 0; m < M; m++) y[m * N + n] = scale[n] * int8_dot(x + m * K, codes + n * K, K);
+}
+
+/* ---- per-token INT8 input codes (W8A8 dynamic): the reference path's rule, one pass ----
+   For each row of x [M, K]: amax = max|x| (NaN propagates: a NaN row gets a NaN scale, as
+   torch's amax gives), scale = amax / 127 in float32 (1 for an all-zero row, at least 2^-126,
+   formats/grid.py's _scale_from_amax), codes = x / scale in float32 rounded half to even
+   (nearbyintf in the default rounding mode) onto [-128, 127], written as float32 for FBGEMM.
+   A division, not a product with the reciprocal: that is how torch computes x / scale. */
+void int8_token_codes(int64_t M, int64_t K, const float *x, float *codes, float *scale) {
+  for (int64_t m = 0; m < M; m++) {
+    const float *r = x + m * K;
+    float amax = 0.f;
+    for (int64_t k = 0; k < K; k++) {
+      float a = fabsf(r[k]);
+      amax = (a > amax || a != a) ? a : amax;
+    }
+    float s = amax > 0.f ? amax / 127.f : (amax == 0.f ? 1.f : amax);
+    s = s < 1.17549435e-38f ? 1.17549435e-38f : s;  /* 2^-126 (NaN compares false: kept) */
+    scale[m] = s;
+    float *c = codes + m * K;
+    for (int64_t k = 0; k < K; k++) {
+      float q = nearbyintf(r[k] / s);
+      c[k] = q < -128.f ? -128.f : q > 127.f ? 127.f : q;
+    }
+  }
+}
+
 /* ---- one-token attention over a KV cache (runtime/compiled.py's decode step) ---- */
 
 /* x[0..n) = softmax(x), in place (n >= 1). AVX2 computes e^(x - max) itself, 8 at a time:

@@ -30,7 +30,8 @@ import warnings
 
 import torch
 
-from ..formats.grid import abs_max
+from ..formats.grid import activation_codes, activation_grid
+from ..schemes import QuantSpec
 from .clib import library
 
 # torch's int4 CPU packing needs output rows in multiples of 16; the int8 kernel reads K in
@@ -221,15 +222,35 @@ def int4_c_mm(x: torch.Tensor, packed: torch.Tensor, s: torch.Tensor, c: torch.T
     return y if bias is None else y + bias
 
 
+@torch.library.custom_op("lowbit::int8_gemv", mutates_args=())
+def int8_gemv(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """x [M, K] (float32 as it comes) @ (int8 codes [N, K] * float32 scale [N]).T, float32 [M, N]
+    (kernels.c: exact products with the codes, float32 sums, the scale applied once a row)."""
+    x = x.float().contiguous()
+    (m, k), n = x.shape, codes.shape[0]
+    y = torch.empty(m, n)
+    library().int8_gemv(m, n, k, x.data_ptr(), codes.data_ptr(), scale.data_ptr(), y.data_ptr())
+    return y
+
+
+@int8_gemv.register_fake
+def _(x, codes, scale):
+    return x.new_empty(x.shape[0], codes.shape[0], dtype=torch.float32)
+
+
 def int8_weight_mm(x: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor,
-                   dense_from: int = NEVER, dtype: torch.dtype = torch.float32,
+                   dense_from: int = NEVER, dtype: torch.dtype = torch.float32, c: bool = False,
                    bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x [..., K] @ (int8 codes [N, K] * per-channel scale [N]).T, activations in bf16; from
-    `dense_from` rows a dense GEMM in `dtype` on the codes (exact in bf16), the scale applied
-    to its output."""
+    """x [..., K] @ (int8 codes [N, K] * per-channel scale [N]).T: rows through the C kernel
+    (`c`, float32 scales, inputs as they come) or torch's int8pack (bf16 scales and inputs:
+    in a float32 model that rounds every input to bf16, which raised SmolLM2 W8A16's KL by
+    5-8 %); from `dense_from` rows a dense GEMM in `dtype` on the codes (exact in bf16), the
+    scale applied to its output."""
     flat = x.reshape(-1, x.shape[-1])
     if flat.shape[0] >= dense_from:
         y = torch.nn.functional.linear(flat.to(dtype), codes.to(dtype)).float() * scale.float()
+    elif c:
+        y = int8_gemv(flat, codes, scale)
     else:
         y = torch._weight_int8pack_mm(flat.to(torch.bfloat16), codes, scale)
     y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
@@ -259,30 +280,59 @@ def int8_dynamic_release(handle: int) -> None:
     _FBGEMM.pop(handle, None)
 
 
-@torch.library.custom_op("lowbit::fbgemm_linear_dynamic", mutates_args=())
-def _fbgemm_linear(x: torch.Tensor, handle: int, n: int, reduce_range: bool) -> torch.Tensor:
-    return torch.ops.quantized.linear_dynamic(x, _FBGEMM[handle], reduce_range)
+def _fbgemm_codes(codes: torch.Tensor, handle: int, halves: bool) -> torch.Tensor:
+    """codes [M, K] (integers in [-128, 127], float32) @ the packed INT8 weights of `handle`,
+    times their per-channel scales, float32 [M, N]: integer dot products, exact before the one
+    float32 product with the scale. FBGEMM quantizes its input as round(x / 1) + zero point,
+    so integer inputs pass through unchanged (uint8 code + 128). Without AVX512-VNNI its
+    kernel sums u8 * s8 products in saturating 16-bit pairs (vpmaddubsw), which 255 * 127 * 2
+    overflows; `halves` then splits each code as 2h + l, h in [-64, 63] (uint8 <= 127) and l in
+    {0, 1}, two calls whose pair sums stay below 2^15, so the result is still exact."""
+    op, w = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32, _FBGEMM[handle]
+    if not halves:
+        return op(codes, 1.0, 128, w)
+    h = torch.floor(codes * 0.5)
+    return op(h, 1.0, 64, w).mul_(2.0).add_(op(codes - 2.0 * h, 1.0, 0, w))
 
 
-@_fbgemm_linear.register_fake
-def _(x, handle, n, reduce_range):
+def int8_token_codes(x: torch.Tensor, c: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token symmetric INT8 codes (float32 [M, K]) and scales ([M, 1]) of float32 x
+    [M, K] by the reference path's rule (formats/grid.activation_codes), with `c` in one pass
+    of the C library's copy of that rule: the rule's dozen small torch ops cost ~60 us a call,
+    twice FBGEMM's whole product for a SmolLM2 layer."""
+    if not c:
+        codes, p = activation_codes(TOKEN_INT8_GRID, x)
+        return codes.float(), p.scale
+    x = x.contiguous()
+    codes, scale = torch.empty_like(x), x.new_empty(x.shape[0], 1)
+    library().int8_token_codes(x.shape[0], x.shape[1], x.data_ptr(), codes.data_ptr(), scale.data_ptr())
+    return codes, scale
+
+
+TOKEN_INT8_GRID = activation_grid(QuantSpec("int", 8, "token", dynamic=True))  # W8A8's inputs
+
+
+@torch.library.custom_op("lowbit::int8_dynamic", mutates_args=())
+def _int8_dynamic(x: torch.Tensor, handle: int, n: int, halves: bool, c: bool) -> torch.Tensor:
+    codes, scale = int8_token_codes(x, c)
+    return _fbgemm_codes(codes, handle, halves).mul_(scale)
+
+
+@_int8_dynamic.register_fake
+def _(x, handle, n, halves, c):
     return x.new_empty(x.shape[0], n)
 
 
-def int8_dynamic_mm(x: torch.Tensor, handle: int, n: int, reduce_range: bool,
+def int8_dynamic_mm(x: torch.Tensor, handle: int, n: int, halves: bool, c_codes: bool = False,
                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] with per-token INT8 inputs @ the packed INT8 weights [N = n, K] of `handle`,
-    integer dot products.
-
-    FBGEMM picks one (asymmetric, uint8) input scale for the whole matrix; dividing each token
-    by its own max |x| first makes that scale per token: every row spans at most [-1, 1], so a
-    row's quantization step is 2/255 of its max |x| (2/127 with reduce_range), against 1/127
-    for the symmetric int8 grid the checkpoint's spec names. The product is multiplied back.
-    `reduce_range` (7-bit inputs) is what AVX2 needs: its vpmaddubsw saturates 16-bit pair sums.
-    """
-    flat = x.reshape(-1, x.shape[-1]).float()
-    amax = abs_max(flat, -1, keepdim=True).clamp(min=torch.finfo(torch.float32).tiny)
-    y = _fbgemm_linear(flat / amax, handle, n, reduce_range) * amax
+    integer dot products. The inputs are quantized by the reference path's own rule
+    (int8_token_codes: symmetric, step max|x| / 127 per token; `c_codes`: in C), so the codes
+    are the reference's and the output differs from it only by float32 rounding; the token's
+    scale is multiplied back. (FBGEMM's own dynamic quantization picks an asymmetric 255-step
+    grid, which moved SmolLM2 W8A8_INT8's KL by 2-3 %.) `halves`: no AVX512-VNNI
+    (_fbgemm_codes). One custom op, so torch.compile calls it as one opaque step."""
+    y = _int8_dynamic(x.reshape(-1, x.shape[-1]).float(), handle, n, halves, c_codes)
     y = y.to(x.dtype).reshape(*x.shape[:-1], -1)
     return y if bias is None else y + bias
 

@@ -106,11 +106,13 @@ DENSE_ROWS = 8
 
 
 def dense_dtype(compute: torch.dtype) -> torch.dtype:
-    """The dense path's GEMM dtype: bf16 only where the model computes in bf16 and the CPU
-    multiplies it natively, else float32. Unlike the INT4/INT8 kernels (which take bf16 inputs
-    whatever the compute dtype) the row kernels here are exact in float32, and rounding W8A8 /
-    W4A4 inputs to bf16 moves later layers' inputs across their quantization grid: on a tiny
-    FP8 model it moved the logits by a third of what quantization does, against 1e-5 in float32."""
+    """Every packed Linear's dense (prefill-sized) GEMM dtype: bf16 only where the model
+    computes in bf16 and the CPU multiplies it natively, else float32. The C row kernels take
+    float32 inputs as they come, so a float32 model's dense path must not round its inputs or
+    weights to bf16 either: rounding W8A8 / W4A4 inputs to bf16 moves later layers' inputs
+    across their quantization grid (on a tiny FP8 model it moved the logits by a third of what
+    quantization does, against 1e-5 in float32), and the INT8 dense GEMM in bf16 raised
+    SmolLM2 W8A16's float32 KL by 7.5 %."""
     from .kernels_cpu import dense_dtype as native
 
     return torch.bfloat16 if compute == torch.bfloat16 and native() == torch.bfloat16 else torch.float32

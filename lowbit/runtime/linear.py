@@ -10,7 +10,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from ..formats.grid import Quantized
+from ..formats.grid import Quantized, activation_qdq
 from ..formats.pack import pack_fp4, unpack_fp4
 from ..schemes import QuantSpec
 from . import kernels_cpu as K
@@ -55,7 +55,7 @@ class Int4Linear(_Packed):
             self.register_buffer("weight_offset", c)
             self.dense_from = K.DENSE_ROWS["int4-c"] if dense else K.NEVER
             self._mm = partial(K.int4_c_mm, packed=packed, s=s, c=c, group=g,
-                               dense_from=self.dense_from, dtype=K.dense_dtype())
+                               dense_from=self.dense_from, dtype=F.dense_dtype(dtype))
         elif fast and K.int4_supported(self.out_features, self.in_features, g):
             self.kernel = "int4pack"
             packed, scale_offset = K.int4_pack(q.codes, q.scale, q.zero)
@@ -66,34 +66,43 @@ class Int4Linear(_Packed):
             known = unpacked is not None and torch.equal(unpacked, (q.codes.T + 8).to(torch.uint8))
             self.dense_from = K.DENSE_ROWS["int4"] if known and dense else K.NEVER
             self._mm = partial(K.int4_mm, packed=packed, scale_offset=scale_offset, group=g,
-                               dense_from=self.dense_from, dtype=K.dense_dtype())
+                               dense_from=self.dense_from, dtype=F.dense_dtype(dtype))
         else:
             _dequant_buffers(self, q, g)
 
 
 class Int8Linear(_Packed):
-    """INT8 per-channel weights, 16-bit activations (W8A16)."""
+    """INT8 per-channel weights, 16-bit activations (W8A16): the C library's row kernel on
+    float32 inputs where it is built (`c=False` skips it), else torch's int8pack, else the
+    dequantizing fallback."""
 
-    def __init__(self, q: Quantized, dtype: torch.dtype, fast: bool = True, dense: bool = True):
+    def __init__(self, q: Quantized, dtype: torch.dtype, fast: bool = True, dense: bool = True,
+                 c: bool = True):
         super().__init__(q, dtype)
-        if fast and K.int8_weight_supported(self.in_features):
-            self.kernel = "int8pack"
-            codes, scale = q.codes.contiguous(), q.scale.reshape(-1).to(torch.bfloat16)
+        c = fast and c and K.library() is not None
+        if c or (fast and K.int8_weight_supported(self.in_features)):
+            self.kernel = "int8-c" if c else "int8pack"
+            # float32 scales for the C kernel (a bf16 scale converts exactly); int8pack takes bf16
+            scale = q.scale.reshape(-1).to(torch.float32 if c else torch.bfloat16)
+            codes = q.codes.contiguous()
             self.register_buffer("weight", codes)
             self.register_buffer("weight_scale", scale)
             self.dense_from = K.DENSE_ROWS["int8"] if dense else K.NEVER
             self._mm = partial(K.int8_weight_mm, codes=codes, scale=scale, dense_from=self.dense_from,
-                               dtype=K.dense_dtype())
+                               dtype=F.dense_dtype(dtype), c=c)
         else:
             _dequant_buffers(self, q, self.in_features)
 
 
 class Int8DynamicLinear(_Packed):
-    """INT8 per-channel weights, INT8 inputs quantized per token at run time (W8A8 dynamic)."""
+    """INT8 per-channel weights, INT8 inputs quantized per token at run time (W8A8 dynamic):
+    FBGEMM's integer product on the reference's input codes, formed by the C library (or, with
+    `c=False` or without it, by torch)."""
 
     quantizes_inputs = True
 
-    def __init__(self, q: Quantized, dtype: torch.dtype, inputs: QuantSpec, fast: bool = True):
+    def __init__(self, q: Quantized, dtype: torch.dtype, inputs: QuantSpec, fast: bool = True,
+                 c: bool = True):
         super().__init__(q, dtype)
         if fast and K.int8_dynamic_supported():
             self.kernel = "fbgemm"
@@ -102,11 +111,10 @@ class Int8DynamicLinear(_Packed):
             weakref.finalize(self, K.int8_dynamic_release, handle)
             self.fbgemm_bytes = q.codes.numel() + 8 * self.out_features  # codes + double scales
             # AVX512-VNNI accumulates u8*s8 products in 32 bits; AVX2's vpmaddubsw saturates
-            reduce_range = not torch.cpu._is_vnni_supported()
-            self._mm = partial(K.int8_dynamic_mm, handle=handle, n=self.out_features, reduce_range=reduce_range)
+            halves = not torch.cpu._is_vnni_supported()
+            self._mm = partial(K.int8_dynamic_mm, handle=handle, n=self.out_features, halves=halves,
+                               c_codes=c and K.library() is not None)
         else:
-            from ..formats.grid import activation_qdq
-
             _dequant_buffers(self, q, self.in_features)
             quant, mm = activation_qdq(inputs), self._mm
             self._mm = lambda x, bias: mm(quant(x), bias=bias)
