@@ -6,6 +6,13 @@ packed kernels forced onto their decode-sized (row) path for every input, which 
 generated token goes through: torch's int4pack / int8pack, FBGEMM, and the C library's INT4
 (int16 inputs), FP8 and FP4 row kernels. The ratio column is each KL over the reference's.
 
+`--perturb N` adds N rows of the reference path itself with every Linear's output moved by one
+unit in the last place of the compute dtype (each value up, down or kept, at random, seeds 1..N):
+what another equally valid summation order does. Their spread is the floor below which a KL
+difference says nothing: where activations are quantized (W8A8, FP8_DYNAMIC), one-ulp changes
+move some inputs of the next layer across a rounding boundary of their grid, and those moves
+compound through the layers.
+
     python bench/packed_kl.py .cache/smollm2-135m-bf16 W4A16=.cache/smollm2-135m-w4a16 ...
 """
 
@@ -44,6 +51,8 @@ def main() -> None:
     ap.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                     help="what every path computes in (auto: bf16 where this CPU runs it natively); "
                          "float32 keeps the reference's own bf16 rounding out of the comparison")
+    ap.add_argument("--perturb", type=int, default=0, metavar="N",
+                    help="also N runs of the reference with one-ulp perturbed Linear outputs (its noise floor)")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     print(f"CPU ISA {cpu_isa()}, torch {torch.__version__}, {a.windows} windows x {a.seq_len} tokens, "
@@ -67,6 +76,35 @@ def main() -> None:
             ref = ref if ref is not None else kl
             print(f"| {name} | {label} | {kernels} | {kl:.5f} | {kl / ref:.4f} | {top1 * 100:.2f} % |",
                   flush=True)
+        for seed in range(1, a.perturb + 1):
+            r = perturbed_reference(Path(path), a.original, seed, a)
+            print(f"| {name} | reference, 1-ulp perturbed (seed {seed}) | dequantized | {r['kl']:.5f} | "
+                  f"{r['kl'] / ref:.4f} | {r['top1'] * 100:.2f} % |", flush=True)
+
+
+def perturbed_reference(path: Path, original: Path, seed: int, a: argparse.Namespace) -> dict:
+    """The reference path's KL and top-1 (as lowbit.evaluate computes them) with every Linear's
+    output multiplied by 1 + u eps, u in {-1, 0, 1} drawn per value from `seed`, eps the
+    compute dtype's machine epsilon: one unit in the last place, in float32 then rounded back."""
+    from lowbit import data
+    from lowbit.api import _compute_for, load
+    from lowbit.checkpoint import load_tokenizer
+    from lowbit.metrics import compare
+
+    dtype = _compute_for(path, a.compute_dtype).dtype
+    wins = data.eval_windows(load_tokenizer(path), data.read_records("sharegpt"), windows=a.windows,
+                             seq_len=a.seq_len)
+    model, base = load(path, dtype, packed=False), load(original, dtype, packed=False)
+    gen, eps = torch.Generator().manual_seed(seed), torch.finfo(dtype).eps
+
+    def nudge(module, inputs, out):
+        u = torch.randint(-1, 2, out.shape, generator=gen, dtype=torch.float32)
+        return (out.float() * (1 + u * eps)).to(out.dtype)
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Linear):
+            m.register_forward_hook(nudge)
+    return compare(model, wins, base)
 
 
 if __name__ == "__main__":

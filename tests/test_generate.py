@@ -211,8 +211,8 @@ def test_a_stop_prefix_before_an_unfinished_character_is_held_back():
 
 
 # one scheme per kernel family: the C INT4 kernel (group 64), torch's int4pack (group 32),
-# FBGEMM, the C FP8 and FP4 row kernels (custom ops)
-@pytest.mark.parametrize("scheme", ["W4A16", "W4A16_ASYM", "W8A8_INT8", "FP8_DYNAMIC", "NVFP4A16"])
+# FBGEMM on C-coded inputs, the C INT8, FP8 and FP4 row kernels (custom ops)
+@pytest.mark.parametrize("scheme", ["W4A16", "W4A16_ASYM", "W8A8_INT8", "W8A16", "FP8_DYNAMIC", "NVFP4A16"])
 def test_a_compiled_decode_step_generates_what_the_eager_one_does(tiny_dir, dataset, tmp_path, scheme):
     """compile=True: the same greedy tokens as eager decoding (float32, where Inductor's fused
     loops differ from eager only in rounding order), logits within 1e-5; the graph is made once

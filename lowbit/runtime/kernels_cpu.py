@@ -10,10 +10,14 @@ session's Sapphire Rapids and on the same CPU restricted to AVX2, are in docs/be
   bf16 activations; with float32 ones it runs a scalar loop ~50x slower. So activations go in as
   bf16 whatever the compute dtype: at batch 1 it beats the dense bf16 and float32 layers and
   dequantizing per call (by 10-100x on AVX2, where float32 is the compute dtype).
-- INT8 weights only: `_weight_int8pack_mm`, the same story.
-- INT8 weights with per-token INT8 inputs: FBGEMM's dynamic linear (`quantized::linear_dynamic`)
-  is the fastest at batch 1 and for a 256-token prefill on both ISAs; quantizing inputs in torch
-  for `torch._int_mm` costs more than the matmul.
+- INT8 weights only: `_weight_int8pack_mm`, the same story (bf16 inputs only); lowbit's C row
+  kernel (int8_gemv) takes float32 inputs as they come and read 1.05-1.65x faster than it at
+  SmolLM2 and Llama-3.2-1B shapes (AMD EPYC AVX512, one thread), so it is the first choice.
+- INT8 weights with per-token INT8 inputs: FBGEMM is the fastest at batch 1 and for a 256-token
+  prefill on both ISAs. Its own dynamic linear picks another input grid than the checkpoint's
+  (asymmetric, 255 steps), so the inputs are coded by the reference's rule first (in C: torch's
+  dozen small ops for it cost twice the product) and FBGEMM multiplies those integer codes
+  exactly (int8_dynamic_mm).
 - Prefill: those two weight kernels cost ~35 us a row (576x1536, one thread), a dense GEMM on
   weights dequantized for the call costs ~1.6 ms (INT4) or ~0.4 ms (INT8) once plus ~3 us a
   row on AMX; so inputs of at least DENSE_ROWS rows take the dense path (`dense_from`).
